@@ -1,0 +1,39 @@
+"""EfficientNet-B0 (Tan & Le 2019) from timm, single-channel input, trained from scratch.
+
+No pretrained weights are loaded: the comparison is between architectures trained on the
+same data, and this machine cannot download weights anyway. At 28x28 the network's total
+stride of 32 leaves a 1x1 map before global pooling; it still trains, and the model is kept
+at timm's defaults so users get the network they know.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from capsbench.models.base import Classifier, ModelOutput
+from capsbench.models.registry import register_model
+
+
+class TimmClassifier(Classifier):
+    """Wraps a timm model so it returns :class:`ModelOutput`."""
+
+    family = "cnn"
+
+    def __init__(
+        self, arch: str, num_classes: int = 10, input_size: int = 28, in_chans: int = 1, **kw
+    ) -> None:
+        super().__init__(num_classes=num_classes, input_size=input_size)
+        import timm
+
+        self.arch = arch
+        self.net = timm.create_model(
+            arch, pretrained=False, in_chans=in_chans, num_classes=num_classes, **kw
+        )
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
+        return ModelOutput(scores=self.net(x))
+
+
+@register_model("efficientnet_b0", family="cnn", paper="Tan & Le 2019 (timm)")
+def efficientnet_b0(**kw) -> TimmClassifier:
+    return TimmClassifier("efficientnet_b0", **kw)

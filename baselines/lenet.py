@@ -1,0 +1,42 @@
+"""LeNet-5 (LeCun, Bottou, Bengio & Haffner 1998, "Gradient-based learning applied to
+document recognition"), in its common modern form: ReLU and max-pooling instead of the
+original scaled tanh and trainable subsampling, full C3 connectivity, and a 10-way linear
+output instead of the RBF layer. With padding 2 on the first convolution it has 61,706
+parameters at 28x28.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capsbench.models.base import Classifier, ModelOutput
+from capsbench.models.registry import register_model
+
+
+class LeNet5(Classifier):
+    """conv 6@5x5 (pad 2) - pool - conv 16@5x5 - pool - FC 120 - FC 84 - FC classes."""
+
+    family = "cnn"
+
+    def __init__(self, num_classes: int = 10, input_size: int = 28, in_chans: int = 1) -> None:
+        super().__init__(num_classes=num_classes, input_size=input_size)
+        self.conv1 = nn.Conv2d(in_chans, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        side = (input_size // 2 - 4) // 2  # 28 -> 28 -> 14 -> 10 -> 5; 40 -> 8
+        self.fc1 = nn.Linear(16 * side * side, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        h = F.relu(self.fc1(h.flatten(1)))
+        h = F.relu(self.fc2(h))
+        return ModelOutput(scores=self.fc3(h))
+
+
+@register_model("lenet5", family="cnn", paper="LeCun et al. 1998")
+def lenet5(**kw) -> LeNet5:
+    return LeNet5(**kw)

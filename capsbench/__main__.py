@@ -1,0 +1,5 @@
+import sys
+
+from capsbench.cli import main
+
+sys.exit(main())

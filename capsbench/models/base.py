@@ -1,0 +1,55 @@
+"""What every model in capsbench promises the runner, the suites and the profiler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns, for capsule models and CNNs alike.
+
+    Attributes:
+        scores: (B, C) class scores: capsule lengths for capsule models, logits for CNNs.
+            ``scores.argmax(1)`` is the prediction.
+        poses: (B, C, D) output capsule vectors, or None for CNNs.
+        reconstruction: (B, H*W) decoder output in [0, 1], or None.
+        coupling: (B, n_in, C) coupling coefficients of the last routing iteration, when
+            the model was asked to keep them (``keep_coupling=True``), else None.
+    """
+
+    scores: torch.Tensor
+    poses: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    coupling: torch.Tensor | None = None
+
+
+class Classifier(nn.Module):
+    """Base class: a model declares its loss and how to read confidence from its output.
+
+    Subclasses set ``family`` ("capsule" or "cnn"), ``input_size`` and ``num_classes`` and
+    implement ``forward(x, y=None) -> ModelOutput``. ``x`` is (B, 1, H, W) float in [0, 1].
+    """
+
+    family: str = "cnn"
+
+    def __init__(self, num_classes: int = 10, input_size: int = 28) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.input_size = input_size
+
+    def loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Training loss, a scalar mean over the batch. CNNs: cross-entropy on logits."""
+        return F.cross_entropy(out.scores, y)
+
+    def confidence(self, out: ModelOutput) -> torch.Tensor:
+        """(B, C) confidence per class in [0, 1]: softmax for CNNs, capsule length for capsules."""
+        return out.scores.float().softmax(dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,309 @@
+"""CapsNet with dynamic routing (Sabour, Frosst & Hinton 2017, "Dynamic Routing Between
+Capsules", NIPS; arXiv:1710.09829).
+
+Architecture (paper Section 4 and Figure 1/2), at a 28x28 input:
+
+    x (B, 1, 28, 28)
+    Conv1       256 kernels 9x9, stride 1, ReLU          -> (B, 256, 20, 20)
+    PrimaryCaps 32 channels x 8-D capsules, 9x9 stride 2 -> (B, 32*8, 6, 6)
+                a capsule is 8 consecutive channels at one grid position -> (B, 1152, 8)
+                squashed
+    DigitCaps   10 x 16-D, W_ij in R^{8x16} for every (input capsule i, class j),
+                dynamic routing, r iterations          -> v (B, 10, 16)
+    Decoder     FC 512 ReLU, FC 1024 ReLU, FC H*W sigmoid on the masked (B, 160) poses
+
+Parameters: 8,215,568 at 28x28 (6,804,224 without the decoder). The paper does not give
+DigitCaps biases and the count above has none.
+
+Choices the paper leaves open, and what we do:
+
+* Gradient through routing: gradients flow through every routing iteration (the coupling
+  coefficients are a differentiable function of u_hat), as in the authors' released code
+  (github.com/Sarasra/models, research/capsules/models/layers/layers.py, which has no
+  stop_gradient in ``_update_routing``). Some re-implementations detach u_hat in the
+  agreement updates; that is not done here.
+* W initialisation: normal with std 0.01 (the paper gives none; small weights keep the
+  first squashes in their near-linear regime, as in the common re-implementations).
+  Convolutions and decoder use PyTorch's default (Kaiming-uniform) initialisation.
+* Squash: v = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), eps = 1e-7, so that a zero
+  vector maps to zero with finite gradients.
+* Losses: margin loss with m+ = 0.9, m- = 0.1, lambda = 0.5, summed over classes and
+  averaged over the batch (paper eq. 4); reconstruction loss is the sum of squared errors
+  over pixels times 0.0005, averaged over the batch (paper Section 4.1).
+* Decoder mask: the true label while training, the predicted label otherwise (and
+  whenever no label is given).
+* Routing logits b_ij are per example and start at 0 for every forward pass; the softmax
+  is over the output capsules j, so the coupling coefficients of each input capsule sum
+  to one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capsbench.models.base import Classifier, ModelOutput
+from capsbench.models.registry import register_model
+
+SQUASH_EPS = 1e-7
+
+
+def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
+    """Paper eq. 1: shrink short vectors towards 0 and long ones to just below unit length.
+
+    Example:
+        >>> squash(torch.zeros(2, 16)).abs().sum().item()
+        0.0
+    """
+    sq = (s * s).sum(dim=dim, keepdim=True)
+    # sq / (1 + sq) / sqrt(sq + eps) as one factor: one broadcast multiply over s.
+    return s * (sq / ((1.0 + sq) * torch.sqrt(sq + eps)))
+
+
+def _route_forward(u_hat: torch.Tensor, iterations: int):
+    """Routing on u_hat laid out as (B, n_out, n_in, d_out); returns v and what backward needs.
+
+    In this layout both contractions of a routing iteration are batched matrix-vector
+    products over contiguous (n_in, d_out) blocks: no broadcast product of u_hat's size is
+    ever materialised, forward or backward.
+    """
+    B, J, n_in, D = u_hat.shape
+    # Iteration 0: b = 0 so every coupling is 1/J; s is the plain mean over inputs / J.
+    s = u_hat.sum(dim=2) / J  # (B, J, D)
+    v = squash(s)
+    ss, vs, cs = [s], [v], [None]
+    b = None
+    for _ in range(1, iterations):
+        agree = torch.matmul(u_hat, v.unsqueeze(-1)).squeeze(-1)  # (B, J, n_in)
+        b = agree if b is None else b + agree
+        c = b.softmax(dim=1)  # over the outputs j: each input's couplings sum to 1
+        s = torch.matmul(c.unsqueeze(2), u_hat).squeeze(2)  # (B, J, D)
+        v = squash(s)
+        ss.append(s)
+        vs.append(v)
+        cs.append(c)
+    return v, ss, vs, cs
+
+
+class _DynamicRouting(torch.autograd.Function):
+    """Routing with a hand-written backward.
+
+    Autograd's own backward for the loop above writes one u_hat-sized outer product per
+    use of u_hat and adds them up; here the gradient of u_hat is gathered as
+    sum_t c_t (x) g_s_t + sum_t g_a_t (x) v_t and written once, by one batched matmul with
+    an inner dimension of 2r - 1. The small per-iteration tensors (squash, softmax) are
+    differentiated exactly. Double backward is not supported.
+    """
+
+    @staticmethod
+    def forward(ctx, u_hat: torch.Tensor, iterations: int):
+        v, ss, vs, cs = _route_forward(u_hat, iterations)
+        ctx.iterations = iterations
+        ctx.save_for_backward(u_hat, *ss, *vs, *cs[1:])
+        c_last = cs[-1] if cs[-1] is not None else torch.full_like(u_hat[..., 0], 1.0 / u_hat.shape[1])
+        ctx.mark_non_differentiable(c_last)
+        return v, c_last
+
+    @staticmethod
+    def backward(ctx, grad_v: torch.Tensor, _grad_c):
+        r = ctx.iterations
+        saved = ctx.saved_tensors
+        u_hat = saved[0]
+        ss = saved[1 : 1 + r]
+        vs = saved[1 + r : 1 + 2 * r]
+        cs = (None,) + tuple(saved[1 + 2 * r :])
+        J = u_hat.shape[1]
+        coefs, vecs = [], []  # grad u_hat = sum_k coefs[k] (B,J,n_in) (x) vecs[k] (B,J,D)
+        g_b = None  # gradient w.r.t. b_{t+1} (equal to that w.r.t. the agreement a_t)
+        for t in range(r - 1, -1, -1):
+            if t == r - 1:
+                g_v = grad_v
+            else:
+                g_v = torch.matmul(g_b.unsqueeze(2), u_hat).squeeze(2)  # (B, J, D)
+                coefs.append(g_b)
+                vecs.append(vs[t])
+            with torch.enable_grad():
+                s_t = ss[t].detach().requires_grad_()
+                (g_s,) = torch.autograd.grad(squash(s_t), s_t, g_v)
+            if t == 0:
+                coefs.append(u_hat.new_full(u_hat.shape[:3], 1.0 / J))
+                vecs.append(g_s)
+                break
+            c = cs[t]
+            coefs.append(c)
+            vecs.append(g_s)
+            g_c = torch.matmul(u_hat, g_s.unsqueeze(-1)).squeeze(-1)  # (B, J, n_in)
+            g_soft = c * (g_c - (g_c * c).sum(dim=1, keepdim=True))  # softmax over J
+            g_b = g_soft if g_b is None else g_b + g_soft
+        A = torch.stack(coefs, dim=-1)  # (B, J, n_in, K)
+        G = torch.stack(vecs, dim=-2)  # (B, J, K, D)
+        return torch.matmul(A, G), None  # (B, J, n_in, D)
+
+
+def dynamic_routing(
+    u_hat: torch.Tensor, iterations: int, keep_coupling: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Routing-by-agreement (paper Procedure 1), batched.
+
+    Args:
+        u_hat: (B, n_out, n_in, d_out) predictions of every input capsule for every output
+            (note the layout: outputs before inputs).
+        iterations: r >= 1. With r = 1 the coupling is uniform (softmax of zeros).
+        keep_coupling: also return the last coupling coefficients, (B, n_in, n_out).
+
+    Returns:
+        v (B, n_out, d_out) and the coupling coefficients or None.
+    """
+    if iterations < 1:
+        raise ValueError(f"routing iterations must be >= 1, got {iterations}")
+    v, c = _DynamicRouting.apply(u_hat, iterations)
+    return v, (c.transpose(1, 2) if keep_coupling else None)
+
+
+class CapsNet(Classifier):
+    """The paper's three-layer CapsNet with optional reconstruction decoder.
+
+    Args:
+        num_classes: output capsules (10 for MNIST).
+        input_size: side of the square input (28 for MNIST, 40 for affNIST).
+        in_chans: input channels.
+        routing_iters: r; the paper uses 3.
+        reconstruction: attach the decoder and add its loss (weight 0.0005).
+        uniform_coupling: fix every coupling coefficient to 1/num_classes (no routing).
+        recon_weight: scale of the reconstruction loss.
+
+    Example:
+        >>> m = CapsNet()
+        >>> out = m(torch.rand(2, 1, 28, 28))
+        >>> tuple(out.scores.shape), tuple(out.poses.shape)
+        ((2, 10), (2, 10, 16))
+    """
+
+    family = "capsule"
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        input_size: int = 28,
+        in_chans: int = 1,
+        routing_iters: int = 3,
+        reconstruction: bool = True,
+        uniform_coupling: bool = False,
+        recon_weight: float = 0.0005,
+        conv1_channels: int = 256,
+        primary_caps: int = 32,
+        primary_dim: int = 8,
+        digit_dim: int = 16,
+        m_plus: float = 0.9,
+        m_minus: float = 0.1,
+        lambda_: float = 0.5,
+    ) -> None:
+        super().__init__(num_classes=num_classes, input_size=input_size)
+        if routing_iters < 1:
+            raise ValueError(f"routing_iters must be >= 1, got {routing_iters}")
+        self.routing_iters = 1 if uniform_coupling else routing_iters
+        self.uniform_coupling = uniform_coupling
+        self.recon_weight = recon_weight
+        self.m_plus, self.m_minus, self.lambda_ = m_plus, m_minus, lambda_
+        self.primary_caps, self.primary_dim, self.digit_dim = primary_caps, primary_dim, digit_dim
+
+        self.conv1 = nn.Conv2d(in_chans, conv1_channels, kernel_size=9, stride=1)
+        self.primary = nn.Conv2d(conv1_channels, primary_caps * primary_dim, kernel_size=9, stride=2)
+        grid = ((input_size - 8) - 9) // 2 + 1  # 28 -> 20 -> 6; 40 -> 32 -> 12
+        if grid < 1:
+            raise ValueError(f"input_size {input_size} is too small for CapsNet (needs >= 25)")
+        self.grid = grid
+        self.num_primary = primary_caps * grid * grid  # 1152 at 28x28, 4608 at 40x40
+        # W_ij stored as (n_in, d_in, n_out * d_out): u_hat for all classes is one batched
+        # matmul over the input capsules, (n_in, B, d_in) @ (n_in, d_in, n_out*d_out).
+        self.W = nn.Parameter(torch.randn(self.num_primary, primary_dim, num_classes * digit_dim) * 0.01)
+        self.decoder = None
+        if reconstruction:
+            self.decoder = nn.Sequential(
+                nn.Linear(num_classes * digit_dim, 512),
+                nn.ReLU(inplace=True),
+                nn.Linear(512, 1024),
+                nn.ReLU(inplace=True),
+                nn.Linear(1024, in_chans * input_size * input_size),
+                nn.Sigmoid(),
+            )
+
+    # The stages are separate methods so the profiler can time each one.
+    def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x), inplace=True)  # (B, 256, H1, W1)
+        p = self.primary(h)  # (B, 32*8, G, G)
+        B = p.shape[0]
+        # channel c*8 + k at (gy, gx) is component k of capsule (c, gy, gx)
+        p = p.view(B, self.primary_caps, self.primary_dim, self.grid, self.grid)
+        u = p.permute(0, 1, 3, 4, 2).reshape(B, self.num_primary, self.primary_dim)  # (B, n_in, 8)
+        return squash(u)
+
+    def predictions(self, u: torch.Tensor) -> torch.Tensor:
+        B = u.shape[0]
+        u_t = u.transpose(0, 1)  # (n_in, B, 8)
+        u_hat = torch.bmm(u_t, self.W)  # (n_in, B, n_out*16)
+        u_hat = u_hat.view(self.num_primary, B, self.num_classes, self.digit_dim)
+        # routing wants (B, n_out, n_in, 16) contiguous: one copy here saves many later
+        return u_hat.permute(1, 2, 0, 3).contiguous()
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, keep_coupling: bool = False
+    ) -> ModelOutput:
+        u = self.primary_capsules(x)
+        u_hat = self.predictions(u)
+        v, c = dynamic_routing(u_hat, self.routing_iters, keep_coupling=keep_coupling)
+        lengths = torch.sqrt((v * v).sum(dim=-1) + SQUASH_EPS)  # (B, n_out)
+        recon = None
+        if self.decoder is not None:
+            recon = self.decode(v, y if (self.training and y is not None) else lengths.argmax(dim=1))
+        return ModelOutput(scores=lengths, poses=v, reconstruction=recon, coupling=c)
+
+    def decode(self, poses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Reconstruct from the capsule of ``labels`` only (the others are masked to zero)."""
+        if self.decoder is None:
+            raise RuntimeError("this CapsNet has no decoder (reconstruction=False)")
+        mask = F.one_hot(labels, self.num_classes).to(poses.dtype)  # (B, n_out)
+        return self.decoder((poses * mask.unsqueeze(-1)).flatten(1))  # (B, H*W)
+
+    def margin_loss(self, lengths: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t = F.one_hot(y, self.num_classes).to(lengths.dtype)
+        present = F.relu(self.m_plus - lengths).pow(2)
+        absent = F.relu(lengths - self.m_minus).pow(2)
+        per_class = t * present + self.lambda_ * (1.0 - t) * absent
+        return per_class.sum(dim=1).mean()
+
+    def loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.margin_loss(out.scores.float(), y)
+        if out.reconstruction is not None and self.recon_weight > 0:
+            err = (out.reconstruction.float() - x.flatten(1).float()).pow(2).sum(dim=1).mean()
+            loss = loss + self.recon_weight * err
+        return loss
+
+    def confidence(self, out: ModelOutput) -> torch.Tensor:
+        return out.scores.float().clamp(0.0, 1.0)
+
+
+# Named variants: each passes different arguments to the one class above.
+@register_model("capsnet", family="capsule", paper="Sabour et al. 2017")
+def capsnet(**kw) -> CapsNet:
+    """The paper's CapsNet: 3 routing iterations, reconstruction decoder."""
+    return CapsNet(**kw)
+
+
+@register_model("capsnet_r1", family="capsule", paper="Sabour et al. 2017, Table 1")
+def capsnet_r1(**kw) -> CapsNet:
+    """One routing iteration (Table 1's "routing 1")."""
+    return CapsNet(**{"routing_iters": 1, **kw})
+
+
+@register_model("capsnet_norecon", family="capsule", paper="Sabour et al. 2017, Table 1")
+def capsnet_norecon(**kw) -> CapsNet:
+    """No decoder and no reconstruction loss."""
+    return CapsNet(**{"reconstruction": False, **kw})
+
+
+@register_model("capsnet_uniform", family="capsule", paper="ablation")
+def capsnet_uniform(**kw) -> CapsNet:
+    """Coupling coefficients fixed to uniform: capsules without routing."""
+    return CapsNet(**{"uniform_coupling": True, **kw})

@@ -1,0 +1,75 @@
+"""Training profiles: how long each model trains and how much of each test set is scored.
+
+``paper`` follows the paper's protocol (Adam 1e-3, decay 0.96 per 2,000 steps, batch 128,
+shifts of up to 2 px) for long enough to converge on a GPU; the paper does not state its
+number of epochs, 50 is our choice. ``quick`` is the CPU default: a fixed number of steps
+per model, chosen so that each default model clears its bar on a 2-core CPU in minutes.
+``smoke`` exists for tests and checks that the plumbing works, not for numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from capsbench.errors import ConfigError
+from capsbench.registry import Registry
+
+PROFILES: Registry = Registry("profile")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much to train and evaluate.
+
+    Attributes:
+        name: profile name.
+        steps: training steps per model name; key "*" is the default. None = use epochs.
+        epochs: epochs when ``steps`` gives none for a model.
+        eval_images: test images per evaluation cell (None = the whole test set).
+        batch_size: training batch size (the paper's 128).
+        checkpoint_every: also checkpoint every this many steps inside an epoch.
+    """
+
+    name: str
+    steps: dict[str, int] = field(default_factory=dict)
+    epochs: float = 1.0
+    eval_images: int | None = None
+    batch_size: int = 128
+    checkpoint_every: int = 200
+
+    def steps_for(self, model: str, train_size: int) -> int:
+        if model in self.steps:
+            return self.steps[model]
+        if "*" in self.steps:
+            return self.steps["*"]
+        per_epoch = -(-train_size // self.batch_size)
+        return max(1, round(self.epochs * per_epoch))
+
+
+PROFILES.add("smoke", Profile("smoke", steps={"*": 12}, eval_images=256, batch_size=64, checkpoint_every=50))
+PROFILES.add(
+    "quick",
+    Profile(
+        "quick",
+        steps={
+            "capsnet": 300,
+            "capsnet_r1": 300,
+            "capsnet_norecon": 300,
+            "capsnet_uniform": 300,
+            "cnn_maxpool": 250,
+            "cnn_strided": 250,
+            "cnn_sabour": 250,
+            "lenet5": 2000,
+            "efficientnet_b0": 600,
+            "*": 500,
+        },
+        eval_images=2000,
+    ),
+)
+PROFILES.add("paper", Profile("paper", epochs=50.0, eval_images=None, checkpoint_every=1000))
+
+
+def get_profile(name: str) -> Profile:
+    if not isinstance(name, str):
+        raise ConfigError(f"profile must be a name, got {name!r}")
+    return PROFILES.get(name)

@@ -1,0 +1,490 @@
+"""One trainer and one evaluator for every model.
+
+The model declares its loss and how to read confidence (``Classifier.loss`` /
+``Classifier.confidence``); everything else (data, augmentation, optimiser, schedule,
+checkpoints, seeds) is shared, so comparisons differ only in the model.
+
+The whole training set lives on the device as one uint8 tensor; a batch is an index into
+it, converted and augmented as one tensor op (no per-sample Python, no DataLoader).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from capsbench import transforms as T
+from capsbench.data import data_checksums, ensure_dataset
+from capsbench.errors import ConfigError, TrainingError
+from capsbench.models import count_parameters, create_model
+from capsbench.profiles import get_profile
+from capsbench.registry import Registry
+from capsbench.store import atomic_torch_save, environment_info, read_json, stable_hash, write_json
+
+# --------------------------------------------------------------------------- protocols
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a model is trained on: input size and the batch augmentation.
+
+    ``augment(x, generator)`` maps a (B, 1, 28, 28) float batch to the training input;
+    ``clean(x)`` maps it to the un-augmented input of the same size (the clean test cell).
+    """
+
+    name: str
+    input_size: int
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+    clean: Callable[[torch.Tensor], torch.Tensor]
+    description: str
+
+
+PROTOCOLS: Registry = Registry("training protocol")
+PROTOCOLS.add(
+    "mnist28_shift2",
+    Protocol(
+        "mnist28_shift2",
+        28,
+        lambda x, g: T.random_shift(x, 2, g),
+        lambda x: x,
+        "28x28 digits shifted by up to 2 px in each axis, zero padding (the paper's)",
+    ),
+)
+PROTOCOLS.add(
+    "canvas40_jitter2",
+    Protocol(
+        "canvas40_jitter2",
+        40,
+        lambda x, g: T.jitter_on_canvas(x, 40, 2, g),
+        lambda x: T.place_on_canvas(x, 40),
+        "digits centred on a 40x40 canvas, shifted by up to 2 px",
+    ),
+)
+PROTOCOLS.add(
+    "canvas40_random",
+    Protocol(
+        "canvas40_random",
+        40,
+        lambda x, g: T.random_place(x, 40, g),
+        lambda x: T.place_on_canvas(x, 40),
+        "digits at a uniformly random position on a 40x40 canvas (the paper's affNIST training)",
+    ),
+)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what a training job computes (and so its cache key).
+
+    The device, output folder and progress bars are not part of it: the same job on
+    another device is the same job.
+    """
+
+    model: str
+    dataset: str = "mnist"
+    protocol: str = "mnist28_shift2"
+    profile: str = "quick"
+    seed: int = 0
+    steps: int | None = None  # overrides the profile
+    epochs: float | None = None  # overrides the profile (when steps is None)
+    batch_size: int | None = None  # None: the profile's
+    lr: float = 1e-3
+    lr_decay: float = 0.96
+    lr_decay_steps: int = 2000
+    amp: str | None = None  # "bf16" (CUDA only)
+    match_accuracy: float | None = None
+    match_eval_every: int = 50
+    train_limit: int | None = None  # train on the first N training images only
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def validate(self) -> TrainConfig:
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ConfigError(f"train_limit must be >= 1, got {self.train_limit}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.amp not in (None, "bf16"):
+            raise ConfigError(f"amp must be 'bf16' or unset, got {self.amp!r}")
+        if self.match_accuracy is not None and not 0 < self.match_accuracy <= 1:
+            raise ConfigError(f"--match-accuracy must be in (0, 1], got {self.match_accuracy}")
+        PROTOCOLS.get(self.protocol)
+        get_profile(self.profile)
+        return self
+
+    @property
+    def key(self) -> str:
+        return stable_hash(asdict(self))
+
+    @property
+    def job_name(self) -> str:
+        return f"{self.model}-{self.dataset}-{self.protocol}-{self.profile}-s{self.seed}-{self.key}"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``: CUDA, then MPS, then CPU. Anything else is passed to ``torch.device``."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _generator(*parts: int) -> torch.Generator:
+    # One generator per (seed, epoch) or (seed, step): resuming anywhere replays the same
+    # data order and augmentation as an uninterrupted run.
+    g = torch.Generator()
+    g.manual_seed(int(stable_hash(list(parts), 15), 16))
+    return g
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, 1, H, W) float32 in [0, 1]."""
+    return images_u8.unsqueeze(1).float().div_(255.0)
+
+
+@torch.inference_mode()
+def predict(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    batch_size: int = 500,
+    device: torch.device | None = None,
+    amp: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and confidences for a whole tensor of inputs, batched on the device.
+
+    Args:
+        x: (N, 1, H, W) float inputs (any device).
+
+    Returns:
+        scores (N, C) and confidence (N, C), float32 on the CPU.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores, conf = [], []
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                out = model(xb)
+            scores.append(out.scores.float())
+            conf.append(model.confidence(out).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(scores).cpu(), torch.cat(conf).cpu()
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    return (scores.argmax(1) == labels.to(scores.device)).float().mean().item()
+
+
+@dataclass
+class TrainResult:
+    """A finished (or reused) training job."""
+
+    config: TrainConfig
+    model: torch.nn.Module
+    job_dir: Path
+    steps_done: int
+    train_time_s: float
+    images_per_s: float
+    reused: bool
+    stopped_early_at: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    data_checksums: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    proto = PROTOCOLS.get(cfg.protocol)
+    kw = dict(cfg.model_kwargs)
+    kw.setdefault("input_size", proto.input_size)
+    return create_model(cfg.model, **kw).to(device)
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | os.PathLike = "runs",
+    data_root: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train one model (or reuse the finished job with the same key) and return it.
+
+    The job directory ``<out>/jobs/<job_name>/`` holds ``checkpoint.pt`` (written atomically
+    every epoch and every ``checkpoint_every`` steps; an interrupted job resumes from it) and
+    ``job.json`` (config, status, timings) once finished. ``on_step(step)`` is called after
+    every step (progress hooks, tests that interrupt a job).
+    """
+    cfg = cfg.validate()
+    dev = resolve_device(device)
+    if cfg.amp == "bf16" and dev.type != "cuda":
+        raise ConfigError("--amp bf16 needs a CUDA device; drop it on the CPU")
+    profile = get_profile(cfg.profile)
+    proto = PROTOCOLS.get(cfg.protocol)
+    job_dir = Path(out) / "jobs" / cfg.job_name
+    ckpt_path = job_dir / "checkpoint.pt"
+    job_json = job_dir / "job.json"
+
+    train_set = ensure_dataset(cfg.dataset, root=data_root, split="train")
+    sums = data_checksums(cfg.dataset, root=data_root)
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg, dev)
+
+    if job_json.exists() and ckpt_path.exists():
+        meta = read_json(job_json)
+        if meta.get("status") == "finished" and meta.get("key") == cfg.key:
+            state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+            model.load_state_dict(state["model"])
+            log(f"reusing finished job {job_dir}")
+            return TrainResult(
+                cfg, model, job_dir, meta["steps_done"], meta["train_time_s"],
+                meta["images_per_s"], True, meta.get("stopped_early_at"), meta.get("history", []), sums,
+            )
+
+    bs = cfg.batch_size or profile.batch_size
+    images, labels = train_set.images, train_set.labels
+    if cfg.train_limit is not None:
+        images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
+    n = images.shape[0]
+    if cfg.steps is not None:
+        total_steps = cfg.steps
+    elif cfg.epochs is not None:
+        total_steps = max(1, round(cfg.epochs * math.ceil(n / bs)))
+    else:
+        total_steps = profile.steps_for(cfg.model, n)
+    # With --match-accuracy the profile's budget is an upper bound: training stops the first
+    # time the target is reached; a model that never reaches it is recorded as such.
+    steps_per_epoch = math.ceil(n / bs)
+
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cfg.lr_decay ** (s / cfg.lr_decay_steps)
+    )  # continuous exponential decay, as tf.train.exponential_decay without staircase
+
+    step, elapsed, history, stopped = 0, 0.0, [], None
+    if ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        except Exception as e:  # a checkpoint we cannot read is not worth losing the run over
+            log(f"warning: ignoring unreadable checkpoint {ckpt_path} ({e}); starting over")
+            state = None
+        if state is not None and state.get("key") == cfg.key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            step, elapsed, history = state["step"], state["elapsed"], state.get("history", [])
+            log(f"resuming {cfg.job_name} at step {step}/{total_steps}")
+
+    images = images.to(dev)  # uint8, resident on the device
+    labels = labels.to(dev)
+    match_x = match_y = None
+    if cfg.match_accuracy is not None:
+        test = ensure_dataset(cfg.dataset, root=data_root, split="test")
+        n_match = profile.eval_images or test.images.shape[0]
+        g = _generator(cfg.seed, 7919)
+        match_x = proto.augment(to_float(test.images[:n_match]), g)
+        match_y = test.labels[:n_match]
+
+    def save(finished: bool) -> None:
+        atomic_torch_save(
+            {
+                "key": cfg.key,
+                "config": asdict(cfg),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "history": history,
+                "finished": finished,
+            },
+            ckpt_path,
+        )
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    model.train()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=cfg.model, unit="step", leave=False)
+    t_mark = time.perf_counter()
+    seen_since = 0
+    run_loss = run_acc = 0.0
+    logged = 0
+    perm, perm_epoch = None, -1
+    while step < total_steps:
+        epoch, pos = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            perm = torch.randperm(n, generator=_generator(cfg.seed, epoch)).to(dev)
+            perm_epoch = epoch
+        idx = perm[pos * bs : (pos + 1) * bs]
+        x = proto.augment(to_float(images[idx]), _generator(cfg.seed, epoch, pos, 1))
+        y = labels[idx]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            out_ = model(x, y)
+            loss = model.loss(out_, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        seen_since += idx.shape[0]
+        run_loss += loss.detach()
+        run_acc += (out_.scores.detach().argmax(1) == y).float().mean()
+        logged += 1
+        if step % 10 == 0 or step == total_steps:
+            mean_loss = (run_loss / logged).item()  # one host sync per 10 steps
+            if not math.isfinite(mean_loss):
+                raise TrainingError(
+                    f"{cfg.model}: training loss became {mean_loss} by step {step}; the job "
+                    f"stopped (try a lower --lr than {cfg.lr}, or check the input data)"
+                )
+            now = time.perf_counter()
+            elapsed += now - t_mark
+            ips = seen_since / max(now - t_mark, 1e-9)
+            history.append({"step": step, "loss": mean_loss, "train_acc": (run_acc / logged).item()})
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{history[-1]['train_acc']:.3f}", img_s=f"{ips:.0f}")
+                bar.update(step - bar.n)
+            run_loss = run_acc = 0.0
+            logged = seen_since = 0
+            t_mark = time.perf_counter()
+        if match_x is not None and step % cfg.match_eval_every == 0:
+            acc = accuracy(predict(model, match_x, device=dev, amp=cfg.amp)[0], match_y)
+            history.append({"step": step, "match_acc": acc})
+            t_mark = time.perf_counter()
+            if acc >= cfg.match_accuracy:
+                stopped = step
+                log(f"{cfg.model}: reached {acc:.4f} >= {cfg.match_accuracy} at step {step}")
+                break
+        if step % profile.checkpoint_every == 0 or step % steps_per_epoch == 0:
+            save(False)
+            t_mark = time.perf_counter()
+        if on_step is not None:
+            on_step(step)
+    if bar is not None:
+        bar.close()
+    images_seen = step * bs
+    ips_total = images_seen / elapsed if elapsed > 0 else float("nan")
+    save(True)
+    write_json(
+        job_json,
+        {
+            "status": "finished",
+            "key": cfg.key,
+            "config": asdict(cfg),
+            "steps_done": step,
+            "batch_size": bs,
+            "train_time_s": elapsed,
+            "images_per_s": ips_total,
+            "stopped_early_at": stopped,
+            "history": history,
+            "params": count_parameters(model),
+            "device": str(dev),
+            "environment": environment_info(dev),
+            "data_checksums": sums,
+        },
+    )
+    return TrainResult(cfg, model, job_dir, step, elapsed, ips_total, False, stopped, history, sums)
+
+
+def evaluate_clean(
+    result: TrainResult,
+    data_root: str | os.PathLike | None = None,
+    limit: int | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Accuracy and mean true-class confidence on the clean test set (as trained: 28 or 40)."""
+    cfg = result.config
+    proto = PROTOCOLS.get(cfg.protocol)
+    test = ensure_dataset(cfg.dataset, root=data_root, split="test")
+    imgs, labels = test.images, test.labels
+    if limit is not None:
+        imgs, labels = imgs[:limit], labels[:limit]
+    x = proto.clean(to_float(imgs))
+    dev = resolve_device(device) if device is not None else next(result.model.parameters()).device
+    scores, conf = predict(result.model, x, device=dev, amp=cfg.amp)
+    return {
+        "accuracy": accuracy(scores, labels),
+        "confidence": conf.gather(1, labels.view(-1, 1)).mean().item(),
+        "n": float(labels.shape[0]),
+    }
+
+
+def train_rows(result: TrainResult, clean: dict[str, float], run_id: str, profile: str, device: str) -> list[dict]:
+    """Tidy rows for ``capsbench train``: clean accuracy, confidence, time, throughput, params."""
+    cfg = result.config
+    base = {
+        "run_id": run_id,
+        "suite": "train",
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "train_data": f"{cfg.dataset}:{cfg.protocol}",
+        "eval_data": f"{cfg.dataset}_test",
+        "transform": "none",
+        "cell": "clean",
+        "profile": profile,
+        "device": device,
+        "git_sha": environment_info()["git_sha"],
+        "data_sha256": stable_hash(result.data_checksums, 16),
+        "job_key": cfg.key,
+        "error": "",
+    }
+    n = int(clean["n"])
+    rows = [
+        {**base, "metric": "accuracy", "value": clean["accuracy"], "n": n},
+        {**base, "metric": "confidence", "value": clean["confidence"], "n": n},
+        {**base, "metric": "train_time_s", "value": result.train_time_s, "n": result.steps_done},
+        {**base, "metric": "train_images_per_s", "value": result.images_per_s, "n": result.steps_done},
+        {**base, "metric": "params", "value": float(count_parameters(result.model)), "n": 1},
+        {**base, "metric": "train_steps", "value": float(result.steps_done), "n": 1},
+    ]
+    return rows
+
+
+def with_overrides(cfg: TrainConfig, **kw: Any) -> TrainConfig:
+    """``dataclasses.replace`` that ignores None, so unset CLI flags keep the defaults."""
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

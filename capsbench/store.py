@@ -1,0 +1,184 @@
+"""Run directories, atomic writes, job keys and provenance.
+
+Everything capsbench writes goes through here, so a crash at any moment leaves either the
+old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capsbench.errors import CapsbenchError
+
+# Identity columns first, then grid parameters (free), then metric/value/n, then provenance.
+ID_COLUMNS = ["run_id", "suite", "model", "seed", "train_data", "eval_data", "transform", "cell"]
+VALUE_COLUMNS = ["metric", "value", "n"]
+PROVENANCE_COLUMNS = ["profile", "device", "git_sha", "data_sha256", "job_key", "error"]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, torch.device):
+        return str(obj)
+    return repr(obj)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """A short hash of a JSON-able object, stable across processes and machines."""
+    text = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def write_rows_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write tidy rows as CSV (atomically), identity columns first."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(rows))
+    return atomic_write_text(path, order_columns(df).to_csv(index=False))
+
+
+def order_columns(df):
+    first = [c for c in ID_COLUMNS if c in df.columns]
+    tail = [c for c in VALUE_COLUMNS + PROVENANCE_COLUMNS if c in df.columns]
+    middle = [c for c in df.columns if c not in first and c not in tail]
+    return df[first + middle + tail]
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and prove it is writable, before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CapsbenchError(
+            f"output directory {path} is not writable ({e.strerror}); choose another with --out DIR"
+        ) from None
+    return path.resolve()
+
+
+def git_sha(cwd: str | os.PathLike | None = None) -> str:
+    """The commit of the capsbench source tree ("unknown" outside a git checkout)."""
+    here = Path(cwd) if cwd else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        sha = out.stdout.strip()
+        if out.returncode != 0 or not sha:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Versions and hardware, for run.json."""
+    import capsbench
+
+    info: dict[str, Any] = {
+        "capsbench": capsbench.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "git_sha": git_sha(),
+    }
+    try:
+        import torchvision
+
+        info["torchvision"] = torchvision.__version__
+    except Exception:  # pragma: no cover - torchvision is a dependency
+        pass
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except Exception:  # pragma: no cover
+        pass
+    if device is not None:
+        dev = torch.device(device)
+        info["device"] = str(dev)
+        if dev.type == "cuda":
+            info["device_name"] = torch.cuda.get_device_name(dev)
+            info["cuda"] = torch.version.cuda
+        else:
+            info["device_name"] = platform.processor() or platform.machine()
+    return info

@@ -1,0 +1,29 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from capsbench.data import DATASETS, resolve_data_root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The data root the tests read real MNIST from.
+
+    Fails (rather than skips) when MNIST is absent: tests on the real data are the point, and
+    a silently skipped suite would look green without having checked anything.
+    """
+    root = resolve_data_root()
+    raw = root / "MNIST" / "raw"
+    missing = [f for f in DATASETS["mnist"].filenames() if not (raw / f).is_file()]
+    if missing:
+        pytest.fail(
+            f"MNIST not found under {raw} (missing {', '.join(missing)}); set CAPSBENCH_DATA "
+            "to a folder in torchvision layout (e.g. CAPSBENCH_DATA=../shared/data) or put "
+            "the files under ./datasets/MNIST/raw/",
+            pytrace=False,
+        )
+    return root

@@ -1,0 +1,77 @@
+"""The trainer on real MNIST: it learns, it checkpoints, it resumes, it reuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from capsbench.errors import ConfigError, TrainingError
+from capsbench.runner import TrainConfig, evaluate_clean, train
+
+
+def test_lenet5_learns_real_mnist(data_root, tmp_path):
+    cfg = TrainConfig(model="lenet5", steps=160, batch_size=64, train_limit=2000, seed=0)
+    res = train(cfg, out=tmp_path, data_root=data_root, device="cpu", progress=False)
+    clean = evaluate_clean(res, data_root=data_root, limit=1000)
+    assert clean["n"] == 1000
+    assert clean["accuracy"] >= 0.90, clean
+    meta = json.loads((res.job_dir / "job.json").read_text())
+    assert meta["status"] == "finished" and meta["steps_done"] == 160
+    sums = meta["data_checksums"]
+    assert any(v["status"] == "unverified" for v in sums.values())  # the rebuilt train images
+    assert all(len(v["sha256"]) == 64 for v in sums.values())
+
+
+def test_finished_job_is_reused_and_interrupted_job_resumes(data_root, tmp_path):
+    cfg = TrainConfig(model="lenet5", steps=30, batch_size=32, train_limit=600, seed=1)
+    first = train(cfg, out=tmp_path, data_root=data_root, device="cpu", progress=False)
+    again = train(cfg, out=tmp_path, data_root=data_root, device="cpu", progress=False)
+    assert again.reused and not first.reused
+    for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+
+def test_interrupted_job_resumes_to_the_same_weights(data_root, tmp_path):
+    # 640 images at batch 32: an epoch is 20 steps, so a checkpoint lands at step 20.
+    cfg = TrainConfig(model="lenet5", steps=30, batch_size=32, train_limit=640, seed=2)
+    full = train(cfg, out=tmp_path / "full", data_root=data_root, device="cpu", progress=False)
+
+    def interrupt(step):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=tmp_path / "cut", data_root=data_root, device="cpu", progress=False, on_step=interrupt)
+    ckpt = torch.load(next((tmp_path / "cut" / "jobs").iterdir()) / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 20 and not ckpt["finished"]
+    logs = []
+    resumed = train(cfg, out=tmp_path / "cut", data_root=data_root, device="cpu", progress=False, log=logs.append)
+    assert any("resuming" in m and "step 20" in m for m in logs)
+    assert resumed.steps_done == 30
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_nan_loss_stops_with_a_clear_error(data_root, tmp_path):
+    cfg = TrainConfig(model="lenet5", steps=20, batch_size=32, train_limit=256, lr=1e9)
+    with pytest.raises(TrainingError, match="loss became"):
+        train(cfg, out=tmp_path, data_root=data_root, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"steps": 0}, "steps"),
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": -1}, "batch size"),
+        ({"protocol": "nope"}, "protocol"),
+        ({"profile": "nope"}, "profile"),
+        ({"lr": 0}, "learning rate"),
+    ],
+)
+def test_invalid_config_is_rejected(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(model="lenet5", **kw).validate()
