@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsbench.models.base import Classifier, ModelOutput
+from capsbench.models.base import Classifier, ModelOutput, mark
 from capsbench.models.registry import register_model
 
 
@@ -62,10 +62,11 @@ class PoolingCNN(Classifier):
         self.fc2 = nn.Linear(1024, num_classes)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
-        h = self.down1(F.relu(self.conv1(x)))
-        h = self.down2(F.relu(self.conv2(h)))
+        down = "pool" if self.downsample == "maxpool" else "strided_conv"
+        h = mark(self.down1(mark(F.relu(self.conv1(x)), "conv")), down)
+        h = mark(self.down2(mark(F.relu(self.conv2(h)), "conv")), down)
         h = F.relu(self.fc1(h.flatten(1)))
-        return ModelOutput(scores=self.fc2(self.dropout(h)))
+        return ModelOutput(scores=mark(self.fc2(self.dropout(h)), "fc"))
 
 
 class SabourCNN(Classifier):
@@ -91,9 +92,9 @@ class SabourCNN(Classifier):
         self.fc3 = nn.Linear(192, num_classes)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
-        h = self.features(x).flatten(1)
+        h = mark(self.features(x), "conv").flatten(1)
         h = F.relu(self.fc2(F.relu(self.fc1(h))))
-        return ModelOutput(scores=self.fc3(self.dropout(h)))
+        return ModelOutput(scores=mark(self.fc3(self.dropout(h)), "fc"))
 
 
 @register_model("cnn_maxpool", family="cnn", paper="Sabour et al. 2017 released baseline")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from capsbench.models.base import Classifier, ModelOutput
+from capsbench.models.base import Classifier, ModelOutput, mark
 from capsbench.models.registry import register_model
 
 
@@ -31,7 +31,8 @@ class TimmClassifier(Classifier):
         )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
-        return ModelOutput(scores=self.net(x))
+        feats = mark(self.net.forward_features(x), "conv")  # stem, blocks, head conv
+        return ModelOutput(scores=mark(self.net.forward_head(feats), "fc"))  # pool + classifier
 
 
 @register_model("efficientnet_b0", family="cnn", paper="Tan & Le 2019 (timm)")

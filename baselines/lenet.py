@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsbench.models.base import Classifier, ModelOutput
+from capsbench.models.base import Classifier, ModelOutput, mark
 from capsbench.models.registry import register_model
 
 
@@ -30,11 +30,11 @@ class LeNet5(Classifier):
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
-        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        h = mark(F.max_pool2d(mark(F.relu(self.conv1(x)), "conv"), 2), "pool")
+        h = mark(F.max_pool2d(mark(F.relu(self.conv2(h)), "conv"), 2), "pool")
         h = F.relu(self.fc1(h.flatten(1)))
         h = F.relu(self.fc2(h))
-        return ModelOutput(scores=self.fc3(h))
+        return ModelOutput(scores=mark(self.fc3(h), "fc"))
 
 
 @register_model("lenet5", family="cnn", paper="LeCun et al. 1998")

@@ -130,9 +130,22 @@ class TrainConfig:
         get_profile(self.profile)
         return self
 
+    def resolved(self, train_size: int) -> tuple[int, int]:
+        """(total steps, batch size) this job trains for, on ``train_size`` images."""
+        profile = get_profile(self.profile)
+        bs = self.batch_size or profile.batch_size
+        n = min(train_size, self.train_limit) if self.train_limit else train_size
+        if self.steps is not None:
+            return self.steps, bs
+        if self.epochs is not None:
+            return max(1, round(self.epochs * math.ceil(n / bs))), bs
+        return profile.steps_for(self.model, n, self.protocol), bs
+
     @property
     def key(self) -> str:
-        return stable_hash(asdict(self))
+        # The resolved budget is part of the key: editing a profile's step counts retrains.
+        steps, bs = self.resolved(60_000)
+        return stable_hash([asdict(self), steps, bs])
 
     @property
     def job_name(self) -> str:
@@ -283,17 +296,11 @@ def train(
                 meta["images_per_s"], True, meta.get("stopped_early_at"), meta.get("history", []), sums,
             )
 
-    bs = cfg.batch_size or profile.batch_size
     images, labels = train_set.images, train_set.labels
     if cfg.train_limit is not None:
         images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
     n = images.shape[0]
-    if cfg.steps is not None:
-        total_steps = cfg.steps
-    elif cfg.epochs is not None:
-        total_steps = max(1, round(cfg.epochs * math.ceil(n / bs)))
-    else:
-        total_steps = profile.steps_for(cfg.model, n)
+    total_steps, bs = cfg.resolved(n)
     # With --match-accuracy the profile's budget is an upper bound: training stops the first
     # time the target is reached; a model that never reaches it is recorded as such.
     steps_per_epoch = math.ceil(n / bs)

@@ -162,11 +162,18 @@ def run_suite(
                 continue
             jobs_meta.append(_job_meta(result))
             write_run_json("running")
-            new_rows = evaluate_cells(suite, result, todo, x_clean, y, run_dir, base, dev, log)
-            rows.extend(new_rows)
+            # Job rows first (replacing any from an earlier, interrupted run), then every
+            # cell's rows are written as soon as the cell is done.
+            rows = [r for r in rows if not (r["job_key"] == cfg.key and r["cell"] == "train")]
             rows.extend(_train_rows(result, base, n_eval))
-            rows = _with_direction_means(suite, rows)
-            write_rows_csv(results_path, rows)
+
+            def persist(cell_rows: list[dict[str, Any]]) -> None:
+                nonlocal rows
+                rows = _with_direction_means(suite, rows + cell_rows)
+                write_rows_csv(results_path, rows)
+
+            ctx = {"n": n_eval, "cache_dir": out / "cache", "root": data_root}
+            evaluate_cells(suite, result, todo, x_clean, y, run_dir, base, dev, log, ctx, persist)
     write_run_json("finished")
     log(f"{suite.name}: done in {time.perf_counter() - t0:.0f} s; results in {results_path}")
     return run_dir
@@ -223,20 +230,28 @@ def evaluate_cells(
     base: dict[str, Any],
     dev: torch.device,
     log: Callable[[str], None] = print,
+    ctx: dict[str, Any] | None = None,
+    persist: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate ``cells`` for one trained model; returns rows (errors become rows too)."""
+    """Evaluate ``cells`` for one trained model; returns rows (errors become rows too).
+
+    ``persist(rows)`` is called after each cell with that cell's rows, so an interrupted run
+    keeps every finished cell.
+    """
     pred_dir = _predictions_dir(run_dir, result)
     preds: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     for cell in cells:
-        cell_base = {**base, "eval_data": f"{suite.dataset}_{cell.eval_data}" if cell.eval_data in ("test",) else cell.eval_data,
-                     "transform": cell.transform, "cell": cell.name, **cell.params}
+        eval_data = f"{suite.dataset}_test" if cell.eval_data == "test" else cell.eval_data
+        cell_base = {**base, "eval_data": eval_data, "transform": cell.transform, "cell": cell.name, **cell.params}
         try:
             t = time.perf_counter()
-            x = cell.make(x_clean.to(dev), y.to(dev), cell_generator(suite.name, cell.name))
             labels = y
-            if isinstance(x, tuple):  # a cell may bring its own labels (e.g. affNIST)
-                x, labels = x
+            if cell.source is not None:  # a cell with its own test data (affNIST)
+                x, labels, eval_data = cell.source(ctx or {})
+                cell_base["eval_data"] = eval_data
+            else:
+                x = cell.make(x_clean.to(dev), y.to(dev), cell_generator(suite.name, cell.name))
             scores, conf = predict(result.model, x, device=dev, amp=result.config.amp)
             pred = scores.argmax(1)
             correct = pred == labels
@@ -254,8 +269,7 @@ def evaluate_cells(
                     saved = torch.load(pred_dir / f"{cell.reference}.pt", weights_only=True)
                     ref = saved["pred"].long()
                 values["unchanged"] = (pred == ref).float().mean().item()
-            for metric, value in values.items():
-                rows.append({**cell_base, "metric": metric, "value": float(value), "n": n, "error": ""})
+            cell_rows = [{**cell_base, "metric": m, "value": float(v), "n": n, "error": ""} for m, v in values.items()]
             log(f"  {base['model']} s{base['seed']} {cell.name}: accuracy {values['accuracy']:.4f} "
                 f"({time.perf_counter() - t:.1f} s)")
         except (KeyboardInterrupt, SystemExit):
@@ -265,7 +279,10 @@ def evaluate_cells(
             log(f"  {base['model']} s{base['seed']} {cell.name}: FAILED ({msg})")
             if os.environ.get("CAPSBENCH_DEBUG"):
                 traceback.print_exc(file=sys.stderr)
-            rows.append({**cell_base, "metric": "error", "value": float("nan"), "n": 0, "error": msg})
+            cell_rows = [{**cell_base, "metric": "error", "value": float("nan"), "n": 0, "error": msg}]
+        rows.extend(cell_rows)
+        if persist is not None:
+            persist(cell_rows)
     return rows
 
 

@@ -8,10 +8,8 @@ seeded by the suite and cell, never by the model), so comparisons between models
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +36,7 @@ class Cell:
         make: builds the model inputs from the clean test batch.
         eval_data: what the inputs are (``mnist_test``, ``affnist``, ``affnist_synth``...).
         reference: name of the cell whose predictions count as "unchanged" (part-shuffle).
+        source: for cells with their own test data, see below.
     """
 
     name: str
@@ -46,6 +45,9 @@ class Cell:
     make: CellFn
     eval_data: str = "test"
     reference: str | None = None
+    # A cell with its own test data (affNIST): source(ctx) -> (inputs, labels, eval_data),
+    # ctx = {"n", "cache_dir", "root"}. ``make`` is then not used.
+    source: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -249,9 +251,3 @@ def get_suite(name: str) -> Suite:
 def _ensure_affnist() -> None:
     if "affnist" not in SUITES:
         from capsbench import affnist  # noqa: F401  (registers the affnist suite)
-
-
-def data_root_path(root: str | os.PathLike | None) -> Path:
-    from capsbench.data import resolve_data_root
-
-    return resolve_data_root(root)

@@ -75,3 +75,13 @@ def test_nan_loss_stops_with_a_clear_error(data_root, tmp_path):
 def test_invalid_config_is_rejected(kw, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(model="lenet5", **kw).validate()
+
+
+def test_match_accuracy_stops_at_the_target_and_records_the_step(data_root, tmp_path):
+    cfg = TrainConfig(model="lenet5", steps=400, batch_size=32, train_limit=2000, profile="smoke",
+                      match_accuracy=0.6, match_eval_every=20)
+    res = train(cfg, out=tmp_path, data_root=data_root, device="cpu", progress=False)
+    assert res.stopped_early_at is not None and res.stopped_early_at < 400
+    assert res.steps_done == res.stopped_early_at and res.stopped_early_at % 20 == 0
+    accs = [h["match_acc"] for h in res.history if "match_acc" in h]
+    assert accs[-1] >= 0.6 and all(a < 0.6 for a in accs[:-1])

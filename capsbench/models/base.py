@@ -53,3 +53,66 @@ class Classifier(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- stage marks
+# The profiler times the stages of a model (conv1, primary capsules, u_hat, routing, decoder;
+# conv / pool / fc for CNNs) in the forward AND the backward pass. A model calls
+# ``mark(tensor, "stage")`` on the output of each stage; with no recorder active this returns
+# the tensor itself (no cost). With a recorder, the forward pass notes the time the stage
+# ended, and an identity autograd function notes when the gradient reaches the stage's
+# output, which is when that stage's backward starts.
+
+_RECORDER: list | None = None
+
+
+class _StageMark(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, name, recorder):
+        ctx.name, ctx.recorder = name, recorder
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.recorder.append(("backward", ctx.name, _now(grad.device)))
+        return grad, None, None
+
+
+def _now(device: torch.device) -> float:
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def mark(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Mark the end of stage ``name`` (see above); identity unless the profiler records."""
+    rec = _RECORDER
+    if rec is None:
+        return x
+    rec.append(("forward", name, _now(x.device)))
+    if x.requires_grad:
+        return _StageMark.apply(x, name, rec)
+    return x
+
+
+class record_stages:
+    """Context manager: collect (pass, stage, time) events from :func:`mark` calls.
+
+    Example:
+        >>> with record_stages() as events:
+        ...     _ = mark(torch.ones(1), "conv")
+        >>> events[0][:2]
+        ('forward', 'conv')
+    """
+
+    def __enter__(self) -> list:
+        global _RECORDER
+        self._prev = _RECORDER
+        _RECORDER = []
+        return _RECORDER
+
+    def __exit__(self, *exc) -> None:
+        global _RECORDER
+        _RECORDER = self._prev

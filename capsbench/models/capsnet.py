@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsbench.models.base import Classifier, ModelOutput
+from capsbench.models.base import Classifier, ModelOutput, mark
 from capsbench.models.registry import register_model
 
 SQUASH_EPS = 1e-7
@@ -231,13 +231,13 @@ class CapsNet(Classifier):
 
     # The stages are separate methods so the profiler can time each one.
     def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.conv1(x), inplace=True)  # (B, 256, H1, W1)
+        h = mark(F.relu(self.conv1(x), inplace=True), "conv1")  # (B, 256, H1, W1)
         p = self.primary(h)  # (B, 32*8, G, G)
         B = p.shape[0]
         # channel c*8 + k at (gy, gx) is component k of capsule (c, gy, gx)
         p = p.view(B, self.primary_caps, self.primary_dim, self.grid, self.grid)
         u = p.permute(0, 1, 3, 4, 2).reshape(B, self.num_primary, self.primary_dim)  # (B, n_in, 8)
-        return squash(u)
+        return mark(squash(u), "primary_caps")
 
     def predictions(self, u: torch.Tensor) -> torch.Tensor:
         B = u.shape[0]
@@ -245,7 +245,7 @@ class CapsNet(Classifier):
         u_hat = torch.bmm(u_t, self.W)  # (n_in, B, n_out*16)
         u_hat = u_hat.view(self.num_primary, B, self.num_classes, self.digit_dim)
         # routing wants (B, n_out, n_in, 16) contiguous: one copy here saves many later
-        return u_hat.permute(1, 2, 0, 3).contiguous()
+        return mark(u_hat.permute(1, 2, 0, 3).contiguous(), "u_hat")
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor | None = None, keep_coupling: bool = False
@@ -253,10 +253,11 @@ class CapsNet(Classifier):
         u = self.primary_capsules(x)
         u_hat = self.predictions(u)
         v, c = dynamic_routing(u_hat, self.routing_iters, keep_coupling=keep_coupling)
+        v = mark(v, "routing")
         lengths = torch.sqrt((v * v).sum(dim=-1) + SQUASH_EPS)  # (B, n_out)
         recon = None
         if self.decoder is not None:
-            recon = self.decode(v, y if (self.training and y is not None) else lengths.argmax(dim=1))
+            recon = mark(self.decode(v, y if (self.training and y is not None) else lengths.argmax(dim=1)), "decoder")
         return ModelOutput(scores=lengths, poses=v, reconstruction=recon, coupling=c)
 
     def decode(self, poses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

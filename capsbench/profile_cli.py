@@ -1,0 +1,98 @@
+"""The ``capsbench profile`` subcommand: FLOPs, speed, memory and stage times per model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _int_list(text: str) -> list[int]:
+    """Parse a comma-separated list of whole numbers >= 1, e.g. ``1,32,128``."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"every entry must be >= 1, got {v}")
+        out.append(v)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
+    return out
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from capsbench.profiler import format_table, profile_dir, profile_models, write_profile
+    from capsbench.runner import resolve_device
+    from capsbench.store import ensure_writable_dir
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    dev = resolve_device(args.device)
+    out = ensure_writable_dir(args.out)  # fail before any work, not after minutes of it
+    command = "capsbench " + " ".join(sys.argv[1:])
+    trace_dir = profile_dir(out, dev) / "traces" if args.trace else None
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    def checkpoint(rows) -> None:  # partial results survive an interrupted run
+        write_profile(rows, out, {"command": command, "status": "running"})
+
+    rows = profile_models(
+        models,
+        args.batch_sizes,
+        args.routing_iters,
+        dev,
+        args.repeats,
+        warmup=args.warmup,
+        budget_s=args.budget,
+        stage_batch_size=args.stage_batch_size,
+        routing_batch_size=args.routing_batch_size,
+        threads=args.threads,
+        trace_dir=trace_dir,
+        log=log,
+        on_progress=checkpoint,
+    )
+    run_dir = write_profile(rows, out, {"command": command, "status": "complete"})
+    print(format_table(rows))
+    errors = sum(1 for r in rows if r.get("error"))
+    if errors:
+        print(f"{errors} row(s) record an error (see the 'error' column)")
+    print(f"results: {run_dir / 'results.csv'}")
+    return 0
+
+
+def add_commands(sub, add_common) -> None:
+    from capsbench.cli import _nonneg_int, _positive_float, _positive_int
+
+    p = sub.add_parser(
+        "profile",
+        help="FLOPs, training/inference speed, memory and per-stage time of each model",
+        description=(
+            "Profile models on random MNIST-sized inputs and write <out>/profile-<device>/results.csv "
+            "and run.json. Defaults: models capsnet, lenet5, cnn_maxpool, efficientnet_b0; batch sizes "
+            "1,32,128,512 on CUDA and 1,32,128 on CPU (a batch of 512 takes minutes per model on a "
+            "2-core CPU); routing iterations 1,2,3,5 timed at batch 32 (CPU) or 128 (GPU)."
+        ),
+    )
+    p.add_argument("--models", default=None, help="comma-separated model names (default: capsnet,lenet5,cnn_maxpool,efficientnet_b0)")
+    p.add_argument("--batch-sizes", type=_int_list, default=None, help="e.g. 1,32,128,512 (default depends on the device)")
+    p.add_argument("--routing-iters", type=_int_list, default=None, help="routing iterations for capsule models (default 1,2,3,5)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats per configuration (default 5)")
+    p.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed warm-up calls (default 2)")
+    p.add_argument("--budget", type=_positive_float, default=None,
+                   help="seconds of timed repeats per configuration before stopping early, after 3 repeats "
+                        "(default 4 on CPU, 2 on GPU)")
+    p.add_argument("--stage-batch-size", type=_positive_int, default=None,
+                   help="batch size of the per-stage breakdown (default 32 on CPU, 128 on GPU)")
+    p.add_argument("--routing-batch-size", type=_positive_int, default=None,
+                   help="batch size of the routing-iteration sweep (default 32 on CPU, 128 on GPU)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--trace", action="store_true",
+                   help="also write a torch.profiler chrome trace of one training step per model, with stage ranges")
+    add_common(p)
+    p.set_defaults(func=cmd_profile)

@@ -1,0 +1,48 @@
+"""The ``capsbench run`` subcommand (suites)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from capsbench.suite_runner import run_suite
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    run_dir = run_suite(
+        args.suite,
+        models=models,
+        seeds=args.seeds,
+        profile=args.profile,
+        device=args.device,
+        out=args.out,
+        data_root=args.data_root,
+        match_accuracy=args.match_accuracy,
+        progress=not args.no_progress,
+        command="capsbench " + " ".join(sys.argv[1:]),
+    )
+    if not args.no_report:
+        try:
+            from capsbench.report import write_report
+        except ImportError:
+            return 0
+        path = write_report([run_dir], run_dir / "report")
+        print(f"report: {path}")
+    return 0
+
+
+def add_commands(sub, add_common) -> None:
+    from capsbench.cli import _nonneg_int, _positive_float, _positive_int  # noqa: F401
+
+    p = sub.add_parser("run", help="run a robustness suite: train what it needs, evaluate every cell")
+    p.add_argument("--suite", required=True, help="suite name (capsbench list suites)")
+    p.add_argument("--models", default=None, help="comma-separated model names (default: the suite's)")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
+    p.add_argument("--profile", default="quick", help="smoke, quick (CPU default) or paper")
+    p.add_argument("--match-accuracy", type=_positive_float, default=None,
+                   help="stop each model's training when its clean (expanded) test accuracy reaches this")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--no-progress", action="store_true")
+    add_common(p)
+    p.set_defaults(func=cmd_run)
