@@ -144,8 +144,12 @@ class TrainConfig:
     @property
     def key(self) -> str:
         # The resolved budget is part of the key: editing a profile's step counts retrains.
+        # So is the model's version: a model whose code changes what it learns bumps it.
+        from capsbench.models import model_info
+
         steps, bs = self.resolved(60_000)
-        return stable_hash([asdict(self), steps, bs])
+        version = model_info(self.model).get("version", 1)
+        return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []))
 
     @property
     def job_name(self) -> str:
