@@ -191,14 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pt)
     pt.set_defaults(func=cmd_train)
 
-    import importlib
+    from capsbench import profile_cli, report_cli, suite_cli
 
-    for mod in ("capsbench.suite_cli", "capsbench.report_cli", "capsbench.profile_cli"):
-        try:
-            module = importlib.import_module(mod)
-        except Exception as e:  # TEMP while modules are written: never kill a running chain
-            print(f"capsbench: warning: {mod} unavailable ({e})", file=sys.stderr)
-            continue
+    for module in (suite_cli, report_cli, profile_cli):
         module.add_commands(sub, _add_common)
     return p
 

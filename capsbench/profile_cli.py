@@ -75,8 +75,8 @@ def add_commands(sub, add_common) -> None:
         description=(
             "Profile models on random MNIST-sized inputs and write <out>/profile-<device>/results.csv "
             "and run.json. Defaults: models capsnet, lenet5, cnn_maxpool, efficientnet_b0; batch sizes "
-            "1,32,128,512 on CUDA and 1,32,128 on CPU (a batch of 512 takes minutes per model on a "
-            "2-core CPU); routing iterations 1,2,3,5 timed at batch 32 (CPU) or 128 (GPU)."
+            "1,32,128,512 on CUDA and 1,32,128 on CPU (at 512 a training step takes 10-15 s on a "
+            "2-core CPU, about a minute per model); routing iterations 1,2,3,5 timed at batch 32 (CPU) or 128 (GPU)."
         ),
     )
     p.add_argument("--models", default=None, help="comma-separated model names (default: capsnet,lenet5,cnn_maxpool,efficientnet_b0)")

@@ -39,10 +39,11 @@ What is measured, per model (and, for capsule models, per routing-iteration coun
   within the instrumented steps.
 
 Defaults: models capsnet, lenet5, cnn_maxpool, efficientnet_b0; batch sizes 1, 32, 128, 512 on
-CUDA but 1, 32, 128 on CPU (a batch of 512 takes minutes per model on a 2-core machine and
-would push the default CPU profile far past its 5-minute budget); routing iterations 1, 2, 3
-and 5 timed at one batch size (32 on CPU, 128 on GPU). Everything runs in float32 without
-``torch.compile`` or AMP (the rows say so).
+CUDA but 1, 32, 128 on CPU: on a 2-core machine one CapsNet or cnn_maxpool training step at
+512 takes ~10-15 s, about a minute per model with warm-up, repeats and inference, which would
+push the default CPU profile (~1.5-2.5 minutes without it) past its 5-minute budget. Routing
+iterations 1, 2, 3 and 5 are timed at one batch size (32 on CPU, 128 on GPU). Everything runs
+in float32 without ``torch.compile`` or AMP (the rows say so).
 
 Example:
     >>> rows = profile_models(["lenet5"], [2], device="cpu", repeats=1, warmup=0)  # doctest: +SKIP
@@ -67,8 +68,9 @@ from capsbench.models import count_parameters, create_model, model_info
 
 DEFAULT_MODELS = ("capsnet", "lenet5", "cnn_maxpool", "efficientnet_b0")
 CUDA_BATCH_SIZES = (1, 32, 128, 512)
-# 512 is left out on CPU: one training step of CapsNet or cnn_maxpool at 512 takes ~10 s on
-# 2 cores, so warm-up and repeats would cost minutes per model.
+# 512 is left out on CPU: one training step of CapsNet or cnn_maxpool at 512 takes ~10-15 s on
+# 2 cores (~1 s at 32 on one busy core), so warm-up, repeats and inference would cost about a
+# minute per model and break the 5-minute budget of the default CPU profile.
 CPU_BATCH_SIZES = (1, 32, 128)
 DEFAULT_ROUTING_ITERS = (1, 2, 3, 5)
 FLOP_BATCH = 2  # FLOPs are counted at this batch size and divided by it
@@ -163,10 +165,31 @@ def _batch(model: torch.nn.Module, batch_size: int, device: torch.device, seed: 
     return x, y
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten.convolution_backward``: grad_input and grad_weight each do the
+    multiply-adds of the forward convolution.
+
+    torch's own formula ignores ``groups`` for grad_weight and so counts a depthwise
+    convolution's weight gradient C times over (C channels): EfficientNet-B0's training step
+    came out at 0.65 GFLOP per image for a 16 MFLOP forward. Fixed upstream in
+    pytorch/pytorch PR #183405; this formula equals torch's for ``groups == 1``.
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+_FLOP_FIXES = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+
+
 def count_flops(model: torch.nn.Module, train: bool, batch_size: int = FLOP_BATCH) -> tuple[float, dict[str, float]]:
     """FLOPs per image of one inference pass or one training step, and the same split by op.
 
-    Counted with ``FlopCounterMode(display=False)`` at ``batch_size`` and divided by it.
+    Counted with ``FlopCounterMode(display=False)`` at ``batch_size`` and divided by it, with
+    :func:`_conv_backward_flop` in place of torch's formula for convolution backward (grouped
+    convolutions).
     ``train=True``: ``model.train()``, forward + ``model.loss`` + backward (the optimizer is not
     counted); ``train=False``: ``model.eval()`` under ``torch.no_grad``. Gradients are cleared
     afterwards and the model's train/eval mode is restored.
@@ -180,13 +203,13 @@ def count_flops(model: torch.nn.Module, train: bool, batch_size: int = FLOP_BATC
         if train:
             model.train()
             model.zero_grad(set_to_none=True)
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping=_FLOP_FIXES) as counter:
                 out = model(x, y)
                 model.loss(out, x, y).backward()
             model.zero_grad(set_to_none=True)
         else:
             model.eval()
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_FLOP_FIXES) as counter:
                 model(x)
     finally:
         model.train(was_training)
@@ -882,7 +905,8 @@ def format_table(rows: Sequence[dict]) -> str:
             values[key + (rw["metric"],)] = rw["value"]
 
     def fmt(v: float | None, spec: str) -> str:
-        return "-" if v is None or v != v else format(v, spec)
+        width = int(spec.split(".")[0])
+        return f"{'-':>{width}}" if v is None or v != v else format(v, spec)
 
     lines = [f"{'model':<22} {'bs':>5} {'train img/s':>12} {'infer img/s':>12} {'GFLOP/img train':>16} {'routing share':>14}"]
     for model, r, bs in configs:

@@ -79,6 +79,35 @@ def test_lenet5_flops_equal_hand_count():
     assert train == 2 * macs + 2 * (6 * 28 * 28 * 25) + 4 * (macs - 6 * 28 * 28 * 25)
 
 
+def test_grouped_conv_backward_counted_once_per_group():
+    # torch's formula counts a depthwise conv's weight gradient C times over; ours does not
+    from torch import nn
+
+    class Depthwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw = nn.Conv2d(1, 32, 1)
+            self.dw = nn.Conv2d(32, 32, 3, groups=32)
+            self.fc = nn.Linear(32 * 6 * 6, 10)
+
+        def forward(self, x, y=None):
+            from capsbench.models.base import ModelOutput
+
+            return ModelOutput(scores=self.fc(self.dw(self.pw(x)).flatten(1)))
+
+        def loss(self, out, x, y):
+            return torch.nn.functional.cross_entropy(out.scores, y)
+
+    model = Depthwise()
+    model.input_size = 8
+    pw, dw, fc = 2 * 32 * 64, 2 * 32 * 36 * 9, 2 * 1152 * 10
+    assert count_flops(model, train=False)[0] == pw + dw + fc
+    assert count_flops(model, train=True)[0] == (pw + dw + fc) + pw + 2 * dw + 2 * fc
+    effnet = create_model("efficientnet_b0")
+    inference, train = count_flops(effnet, train=False)[0], count_flops(effnet, train=True)[0]
+    assert 2 * inference < train < 3 * inference
+
+
 def test_routing_flops_formula():
     values = [routing_flops(r) for r in (1, 2, 3, 5)]
     assert values == sorted(values) and len(set(values)) == 4
