@@ -155,7 +155,7 @@ def run_suite(
                 result = train(cfg, out=out, data_root=data_root, device=dev, progress=progress, log=log)
             except (CapsbenchError, torch.OutOfMemoryError) as e:
                 log(f"{model_name} seed {seed}: training failed: {e}")
-                rows.append({**base, "eval_data": "", "transform": "train", "cell": "train", "metric": "train_error",
+                rows.append({**base, "eval_data": "none", "transform": "train", "cell": "train", "metric": "train_error",
                              "value": float("nan"), "n": 0, "error": str(e)})
                 write_rows_csv(results_path, rows)
                 jobs_meta.append({"model": model_name, "seed": seed, "job_key": cfg.key, "error": str(e)})
@@ -195,7 +195,7 @@ def _job_meta(result: TrainResult) -> dict[str, Any]:
 
 
 def _train_rows(result: TrainResult, base: dict[str, Any], n_eval: int) -> list[dict[str, Any]]:
-    common = {**base, "eval_data": "", "transform": "train", "cell": "train", "error": ""}
+    common = {**base, "eval_data": "none", "transform": "train", "cell": "train", "error": ""}
     out = [
         {**common, "metric": "params", "value": float(count_parameters(result.model)), "n": 1},
         {**common, "metric": "train_steps", "value": float(result.steps_done), "n": 1},

@@ -12,13 +12,13 @@ from capsbench.runner import TrainConfig, evaluate_clean, train
 
 
 def test_lenet5_learns_real_mnist(data_root, tmp_path):
-    cfg = TrainConfig(model="lenet5", steps=160, batch_size=64, train_limit=2000, seed=0)
+    cfg = TrainConfig(model="lenet5", steps=800, batch_size=32, train_limit=2000, seed=0)
     res = train(cfg, out=tmp_path, data_root=data_root, device="cpu", progress=False)
     clean = evaluate_clean(res, data_root=data_root, limit=1000)
     assert clean["n"] == 1000
     assert clean["accuracy"] >= 0.90, clean
     meta = json.loads((res.job_dir / "job.json").read_text())
-    assert meta["status"] == "finished" and meta["steps_done"] == 160
+    assert meta["status"] == "finished" and meta["steps_done"] == 800
     sums = meta["data_checksums"]
     assert any(v["status"] == "unverified" for v in sums.values())  # the rebuilt train images
     assert all(len(v["sha256"]) == 64 for v in sums.values())
