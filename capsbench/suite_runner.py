@@ -48,6 +48,12 @@ from capsbench.store import (
 from capsbench.suites import Suite, cell_generator, get_suite
 
 
+def _has_error(row: dict[str, Any]) -> bool:
+    # rows read back from CSV carry NaN (not "") where there was no error
+    err = row.get("error")
+    return isinstance(err, str) and bool(err)
+
+
 def _load_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -98,7 +104,7 @@ def run_suite(
 
     results_path = run_dir / "results.csv"
     rows = _load_rows(results_path)
-    done = {(r["job_key"], r["cell"]) for r in rows if not (isinstance(r.get("error"), str) and r["error"])}
+    done = {(r["job_key"], r["cell"]) for r in rows if not _has_error(r)}
     rows = [r for r in rows if (r["job_key"], r["cell"]) in done]  # failed cells are retried
     jobs_meta: list[dict[str, Any]] = []
 
@@ -293,7 +299,7 @@ def _with_direction_means(suite: Suite, rows: list[dict[str, Any]]) -> list[dict
     rows = [r for r in rows if r.get("direction") != "mean"]
     by_key: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("transform") == "rotation" and r.get("direction") in ("cw", "ccw") and not r.get("error"):
+        if r.get("transform") == "rotation" and r.get("direction") in ("cw", "ccw") and not _has_error(r):
             by_key.setdefault((r["job_key"], r["angle"], r["metric"]), []).append(r)
     for (_, angle, _), pair in by_key.items():
         if len(pair) != 2:

@@ -117,3 +117,13 @@ def test_a_failing_cell_becomes_an_error_row_and_the_run_goes_on(tmp_path, data_
     bad = [r for r in rows if r["cell"] == "bad"]
     assert len(bad) == 1 and "this transform is broken" in bad[0]["error"]
     assert {r["metric"] for r in rows if r["cell"] == "good"} == {"accuracy", "confidence"}
+
+
+def test_rows_read_back_from_an_earlier_run_keep_their_direction_means(tmp_path, data_root):
+    args = ["run", "--suite", "rotation", "--models", "lenet5", "--profile", "smoke", "--out", str(tmp_path),
+            "--data-root", str(data_root), "--device", "cpu", "--no-progress", "--no-report"]
+    assert main([*args, "--seeds", "1"]) == 0
+    assert main([*args, "--seeds", "2"]) == 0  # seed 0 comes back from results.csv
+    df = pd.read_csv(tmp_path / "rotation-smoke" / "results.csv")
+    means = df[(df.direction == "mean") & (df.metric == "accuracy")]
+    assert sorted(means.groupby("seed").size().to_dict().items()) == [(0, 12), (1, 12)]
