@@ -20,6 +20,10 @@ Statistics:
   cells and seed pairs, so their correlation is kept), 2000 resamples from a fixed seed;
   the exact McNemar test is a two-sided binomial test on the discordant pairs.
 
+Directories written by ``capsbench profile`` (``suite == "profile"``) are accepted too: they
+feed the "Cost" section (throughput, FLOPs, achieved GFLOP/s, stage breakdown;
+:mod:`capsbench.report_cost`) and are left out of the accuracy tables and claim verdicts.
+
 Anything missing (a model, a failed cell, a checkpoint, the data for example images) is
 reported in the report itself; only input that is not a run directory at all is an error.
 """
@@ -1383,7 +1387,10 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     Raises:
         CapsbenchError: a path is not a run directory, or a run has no result rows.
     """
+    from capsbench.report_cost import add_cost_section, is_profile_run
+
     runs = load_runs(list(run_dirs))
+    suite_runs = [r for r in runs if not is_profile_run(r)]  # profile runs only feed the Cost section
     out_dir = ensure_writable_dir(out_dir)
     tables_dir, figs_dir = out_dir / "tables", out_dir / "figures"
     for d, pattern in ((tables_dir, "*.csv"), (figs_dir, "*.png")):
@@ -1391,8 +1398,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
         for old in d.glob(pattern):  # a rewritten report must not keep another run's figures
             old.unlink()
     title = title or "capsbench report: " + ", ".join(r.label for r in runs)
-    summary = summarize(runs)
-    verdicts = [v for claim in CLAIMS for v in evaluate_claim(claim, runs)]
+    summary = summarize(suite_runs)
+    verdicts = [v for claim in CLAIMS for v in evaluate_claim(claim, suite_runs)]
 
     doc = Doc()
     doc.h(1, title)
@@ -1422,20 +1429,20 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     # Paper
     doc.h(2, "Comparison with the paper")
     doc.p(f"Source: {paper.CITATION} {paper.ARXIV_URL}")
-    t1 = _table1_comparison(runs)
+    t1 = _table1_comparison(suite_runs)
     tables["paper_table1"] = t1
     doc.table(t1, caption="MNIST test error (%) next to the paper's Table 1 (mean ± standard deviation over 3 "
                           "trials there; over our seeds here, on the clean cell of suites trained with the paper's "
                           "protocol, 28x28 digits shifted by up to 2 px). Our mapping: capsnet = routing 3 with "
                           "reconstruction, capsnet_r1 = routing 1 with reconstruction, capsnet_norecon = routing 3 "
                           "without reconstruction, cnn_sabour = the baseline.")
-    ta = _affnist_comparison(runs)
+    ta = _affnist_comparison(suite_runs)
     tables["paper_affnist"] = ta
     doc.table(ta, caption="affNIST (paper Section 5.2): accuracy on expanded MNIST and affNIST. The paper's CNN "
                           "has max-pooling and dropout; ours is cnn_maxpool.")
 
     # Per run
-    for run in runs:
+    for run in suite_runs:
         doc.h(2, f"Run {run.label}: suite {run.suite}")
         sm = run.suite_meta
         if sm.get("description"):
@@ -1463,17 +1470,20 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
         for fig in _run_figures(run, summary, figs_dir, data_root, skipped):
             doc.figure(fig.path, fig.caption)
 
+    # Cost (profile runs)
+    add_cost_section(doc, runs, figs_dir, tables, skipped)
+
     # Missing pieces
     doc.h(2, "Missing pieces and failures")
     fails = _failures(runs)
     tables["failures"] = fails
-    notes = [n for run in runs for n in _missing_notes(run)]
+    notes = [n for run in suite_runs for n in _missing_notes(run)]
     if fails.empty and not notes:
         doc.p("Nothing is missing: every requested model has results and no cell failed.")
     doc.bullets(notes)
     if not fails.empty:
         doc.table(fails, caption="Failed cells and training jobs, with their error text:")
-    present_suites = {r.suite for r in runs}
+    present_suites = {r.suite for r in suite_runs}
     for suites, what in ((("rotation", "fashion_rotation"), "accuracy vs rotation angle"),
                          (("translation",), "translation heatmaps"), (("affnist",), "affNIST bars"),
                          (("part_shuffle",), "part-shuffle curves")):
