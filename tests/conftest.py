@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from capsbench.data import DATASETS, resolve_data_root
 
@@ -27,3 +29,13 @@ def data_root() -> Path:
             pytrace=False,
         )
     return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """Honour CAPSBENCH_THREADS (as the CLI does) so tests can share a busy machine."""
+    before = torch.get_num_threads()
+    if os.environ.get("CAPSBENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["CAPSBENCH_THREADS"]))
+    yield
+    torch.set_num_threads(before)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pandas as pd
 import pytest
@@ -26,16 +25,6 @@ from capsbench.profiler import (
     split_stage_times,
     write_profile,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    if os.environ.get("CAPSBENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["CAPSBENCH_THREADS"]))
-    yield
-    torch.set_num_threads(before)
-
 
 # --------------------------------------------------------------------------- FLOPs
 

@@ -517,6 +517,7 @@ def test_mnistc_defaults_and_severity_check():
 # --------------------------------------------------------------------------- GPU
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", sorted(ALL_FUNCTIONS))
 def test_cuda_matches_cpu(name):

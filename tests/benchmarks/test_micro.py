@@ -10,24 +10,12 @@ but wrong kernel fails here.
 
 from __future__ import annotations
 
-import os
-
-import pytest
 import torch
 import torch.nn.functional as F
 
 from capsbench.models import create_model
 from capsbench.models.capsnet import dynamic_routing, squash
 from capsbench.profiler import make_train_step
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    if os.environ.get("CAPSBENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["CAPSBENCH_THREADS"]))
-    yield
-    torch.set_num_threads(before)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
