@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
-from capsbench.errors import CapsbenchError
+from capsbench.errors import CapsbenchError, ConfigError, DataError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other capsbench error.
+
+    argparse prints the whole usage block before its message; on a terminal the one line that
+    matters then scrolls past. The usage stays one ``--help`` away, and the line says so.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _int_at_least(lo: int):
@@ -16,9 +29,9 @@ def _int_at_least(lo: int):
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {text!r}") from None
         if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {v}")
         return v
 
     return parse
@@ -32,9 +45,9 @@ def _positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return v
 
 
@@ -98,14 +111,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from capsbench.data import resolve_data_root
+def _train_config(args: argparse.Namespace):
+    """The validated :class:`~capsbench.runner.TrainConfig` of ``capsbench train``."""
     from capsbench.models import model_info
-    from capsbench.runner import TrainConfig, evaluate_clean, resolve_device, train, train_rows
-    from capsbench.store import ensure_writable_dir, environment_info, write_json, write_rows_csv
+    from capsbench.runner import TrainConfig
 
     model_info(args.model)  # an unknown name stops here, listing the known ones
-    cfg = TrainConfig(
+    return TrainConfig(
         model=args.model,
         dataset=args.dataset,
         protocol=args.protocol,
@@ -114,12 +126,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr if args.lr is not None else 1e-3,
+        lr=args.lr,
         amp=args.amp,
     ).validate()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from capsbench.data import resolve_data_root
+    from capsbench.runner import (
+        evaluate_clean,
+        resolve_device,
+        set_deterministic,
+        train_rows,
+        train_with_retry,
+    )
+    from capsbench.store import ensure_writable_dir, environment_info, write_json, write_rows_csv
+
+    cfg = _train_config(args)
     out = ensure_writable_dir(args.out)
     dev = resolve_device(args.device)
-    result = train(cfg, out=out, data_root=args.data_root, device=dev, progress=not args.no_progress)
+    flags = set_deterministic(args.deterministic)
+    result = train_with_retry(cfg, out=out, data_root=args.data_root, device=dev, progress=not args.no_progress)
     clean = evaluate_clean(result, data_root=args.data_root)
     rows = train_rows(result, clean, run_id=cfg.job_name, profile=cfg.profile, device=str(dev))
     write_rows_csv(result.job_dir / "results.csv", rows)
@@ -137,6 +164,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "train_time_s": result.train_time_s,
             "images_per_s": result.images_per_s,
             "steps": result.steps_done,
+            "trained_config": result.config,
+            "oom_retries": result.oom_retries,
+            "determinism_flags": flags,
         },
     )
     print(
@@ -148,11 +178,144 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- checks before any work
+#
+# A mistake in what was typed or in the files pointed at must stop a command within seconds,
+# with one line, before it creates or changes anything: not after minutes of training, and
+# not by leaving an empty or half-rewritten run directory behind. Each command's checks run
+# here, before the command itself; the commands keep their own checks for library callers.
+
+
+def _model_list(text: str | None) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()] if text else []
+
+
+def _check_models(names: Sequence[str], option: str = "--models") -> None:
+    from capsbench.models import list_models
+
+    known = list_models()
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown model{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in {option}; "
+            f"known models: {', '.join(known)}"
+        )
+
+
+def _check_data_root(args: argparse.Namespace, use_env: bool = True) -> None:
+    """An explicitly chosen data root must be an existing folder.
+
+    Only the default root (``./datasets``) is created and filled by a download: a root that
+    was typed and does not exist is far more often a typo than a wish to download into it.
+    """
+    from capsbench.data import DATA_ENV, resolve_data_root
+
+    given = getattr(args, "data_root", None)
+    if given:
+        source = "--data-root"
+    elif use_env and os.environ.get(DATA_ENV):
+        source = DATA_ENV
+    else:
+        return
+    root = resolve_data_root(given or None)
+    if root.is_dir():
+        return
+    what = "is a file, not a folder" if root.exists() else "does not exist"
+    raise DataError(
+        f"data root {root} (from {source}) {what}; point {source} at the folder that holds "
+        f"MNIST/raw/*.gz, or create it and run 'capsbench data fetch --data-root {root}' when online"
+    )
+
+
+def _check_data(dataset: str, data_root: str | None, affnist: bool = False) -> None:
+    """Load (and so check) every file a command will read; the loads are cached for it."""
+    from capsbench.data import ensure_dataset, load_affnist_test
+
+    ensure_dataset(dataset, root=data_root, split="test")
+    ensure_dataset(dataset, root=data_root, split="train")
+    if affnist:
+        load_affnist_test(data_root)  # the real files, when present, must be readable
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Check names, numbers, the output folder and the data of ``args.command``; raise on a problem.
+
+    Cheap checks first, the data (seconds) last. Nothing is created or written.
+    """
+    from capsbench.store import check_writable_dir
+
+    command = getattr(args, "command", None)
+    if command == "train":
+        from capsbench.runner import resolve_device
+
+        _train_config(args)
+        resolve_device(args.device)
+        _check_data_root(args)
+        out = check_writable_dir(args.out)
+        check_writable_dir(out / "jobs")
+        _check_data(args.dataset, args.data_root)
+    elif command == "run":
+        from capsbench.profiles import get_profile
+        from capsbench.runner import TrainConfig, resolve_device
+        from capsbench.suites import get_suite
+
+        suite = get_suite(args.suite)
+        profile = get_profile(args.profile)
+        models = _model_list(getattr(args, "models", None)) or list(suite.default_models)
+        _check_models(models)
+        match = getattr(args, "match_accuracy", None)
+        if match is not None and not 0 < match <= 1:
+            raise ConfigError(
+                f"--match-accuracy is a fraction of the test set, in (0, 1]; got {match:g} "
+                f"(for {match:g}% pass {match / 100:g})"
+            )
+        for model in models:
+            TrainConfig(model=model, dataset=suite.dataset, protocol=suite.protocol,
+                        profile=profile.name, match_accuracy=match).validate()
+        resolve_device(args.device)
+        _check_data_root(args)
+        out = check_writable_dir(args.out)
+        check_writable_dir(out / f"{suite.name}-{profile.name}")
+        check_writable_dir(out / "jobs")
+        _check_data(suite.dataset, args.data_root, affnist=any(c.eval_data == "affnist" for c in suite.cells))
+    elif command == "profile":
+        from capsbench.runner import resolve_device
+
+        _check_models(_model_list(args.models))
+        resolve_device(args.device)
+        check_writable_dir(args.out)
+    elif command == "report":
+        _check_data_root(args, use_env=False)  # without --data-root each run's own root is used
+        check_writable_dir(args.out)
+
+
+def _set_threads() -> None:
+    text = os.environ.get("CAPSBENCH_THREADS")
+    if not text:
+        return
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(
+            f"CAPSBENCH_THREADS must be a whole number >= 1, got {text!r}; set it to e.g. 2, or unset it"
+        )
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _replay(caught: Sequence[warnings.WarningMessage]) -> None:
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="capsbench",
         description="Benchmark Capsule Networks against CNNs: train, evaluate robustness, report.",
     )
@@ -184,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=_positive_float, default=None)
     pt.add_argument("--seed", type=_nonneg_int, default=0)
     pt.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast (CUDA only)")
+    pt.add_argument("--deterministic", action="store_true",
+                    help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")
     pt.add_argument("--no-progress", action="store_true")
     _add_common(pt)
     pt.set_defaults(func=cmd_train)
@@ -196,20 +361,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``capsbench`` command; return its exit code.
+
+    A mistake the user can fix (a :class:`CapsbenchError`: a bad name, number, data file or
+    output folder) prints one line, ``capsbench: error: ...``, and returns 2; ``--debug``
+    prints the traceback too. Bad options stop in argparse with one line and exit code 2
+    (``SystemExit``). Before a command starts, :func:`_preflight` checks what it will need,
+    so such mistakes stop it before it creates or changes anything. Warnings issued by
+    those checks (e.g. an unverified data file) are shown only when the command goes on.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.debug:
-        import warnings
-
         warnings.formatwarning = lambda msg, cat, *a, **k: f"capsbench: warning: {msg}\n"
-    if os.environ.get("CAPSBENCH_THREADS"):
-        import torch
-
-        torch.set_num_threads(int(os.environ["CAPSBENCH_THREADS"]))
+    caught: list[warnings.WarningMessage] = []
     try:
+        _set_threads()
+        with warnings.catch_warnings(record=True) as caught:
+            _preflight(args)
+        _replay(caught)
         return int(args.func(args) or 0)
     except CapsbenchError as e:
         if args.debug:
+            _replay(caught)
             traceback.print_exc()
         print(f"capsbench: error: {e}", file=sys.stderr)
         return 2

@@ -104,6 +104,21 @@ def _fix_hint(spec: DatasetSpec | None = None) -> str:
     )
 
 
+def _damaged_hint(spec: DatasetSpec) -> str:
+    """Return the sentence every "this data file is damaged" message ends with."""
+    return (
+        "delete it and copy a good one in its place, or run "
+        f"'capsbench data fetch {spec.name}' when online"
+    )
+
+
+def _with_damaged_hint(err: DataError, spec: DatasetSpec) -> DataError:
+    msg = str(err)
+    if "delete the file" in msg or "delete it" in msg:  # already says what to do
+        return err
+    return DataError(f"{msg}; {_damaged_hint(spec)}")
+
+
 # --------------------------------------------------------------------------------------------
 # Data root
 # --------------------------------------------------------------------------------------------
@@ -623,12 +638,13 @@ _WARNED: set[tuple[str, str]] = set()
 
 
 def clear_cache() -> None:
-    """Forget loaded datasets and already-issued warnings.
+    """Forget loaded datasets (affNIST included) and already-issued warnings.
 
     The hash cache is kept: it is keyed by (path, size, mtime), so it cannot go stale. Meant
     for tests and long-lived processes.
     """
     _DATASET_CACHE.clear()
+    _AFFNIST_CACHE.clear()
     _WARNED.clear()
 
 
@@ -699,7 +715,10 @@ def load_dataset(name: str, split: str, root: str | os.PathLike[str] | None = No
     for kind, filename, path in zip(kinds, names, paths, strict=True):
         assert path is not None  # checked above; narrows the type
         raw = _read_bytes(path)
-        content = _decompress(path, raw)
+        try:
+            content = _decompress(path, raw)
+        except DataError as err:
+            raise _with_damaged_hint(err, spec) from err
         size, md5, sha, content_sha = _hashes(path, raw, content)
         info = FileInfo(
             os.path.abspath(path),
@@ -709,7 +728,10 @@ def load_dataset(name: str, split: str, root: str | os.PathLike[str] | None = No
             content_sha,
             _status(spec, filename, md5, content_sha),
         )
-        tensors.append(_parse_idx(path, content, kind, count, spec.image_shape))
+        try:
+            tensors.append(_parse_idx(path, content, kind, count, spec.image_shape))
+        except DataError as err:
+            raise _with_damaged_hint(err, spec) from err
         infos.append(info)
         del raw, content  # the 47 MB buffers are not needed once parsed
         if info.status == "unverified":
@@ -718,7 +740,10 @@ def load_dataset(name: str, split: str, root: str | os.PathLike[str] | None = No
     images, labels = tensors
     top = int(labels.max()) if labels.numel() else 0
     if top >= spec.num_classes:
-        raise DataError(f"{infos[1].path}: expected labels 0..{spec.num_classes - 1}, found {top}")
+        raise DataError(
+            f"{infos[1].path}: expected labels 0..{spec.num_classes - 1}, found {top}; "
+            f"{_damaged_hint(spec)}"
+        )
     ds = Dataset(key_name, split, images, labels.long(), tuple(infos), str(root_path))
     _DATASET_CACHE[cache_key] = ds
     return ds
@@ -956,8 +981,22 @@ def ensure_dataset(
     spec = DATASETS[canonical_name(name)]
     split = _check_split(split)
     raw_dir = spec.raw_dir(root)
-    if download and any(_locate(raw_dir, f) is None for f in spec.filenames()):
-        fetch_dataset(spec.name, root)
+    missing = [f for f in spec.filenames() if _locate(raw_dir, f) is None]
+    if download and missing:
+        where = "folder does not exist" if not raw_dir.is_dir() else "missing " + ", ".join(missing)
+        created = [d for d in (raw_dir.parent.parent, raw_dir.parent, raw_dir) if not d.exists()]
+        try:
+            fetch_dataset(spec.name, root)
+        except DataError as err:
+            # The failed download leaves nothing behind: remove the empty folders it made.
+            for d in reversed(created):
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise DataError(
+                f"{spec.display_name} not found under {raw_dir} ({where}) and {err}"
+            ) from err
     return load_dataset(spec.name, split, root)
 
 
@@ -1252,10 +1291,26 @@ def find_affnist(root: str | os.PathLike[str] | None = None) -> list[Path] | Non
     return batches or None
 
 
+# (path, size, mtime_ns) of every file read -> (images, labels, files). One entry: the real
+# test set is 512 MB, read once per process however many models and seeds score it.
+_AFFNIST_CACHE: dict[tuple[tuple[str, int, int], ...], tuple[torch.Tensor, torch.Tensor, list]] = {}
+
+
+def _affnist_hint(path: Path) -> str:
+    return (
+        "replace it with the official affNIST test set "
+        "(https://www.cs.toronto.edu/~tijmen/affNIST/), or move it out of "
+        f"{path.parent} to use the generated affnist_synth set instead"
+    )
+
+
 def load_affnist_test(
     root: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]] | None:
     """Load the real affNIST test set if present.
+
+    The result is kept for the rest of the process (until :func:`clear_cache`, or until a
+    file changes): treat the tensors as read-only.
 
     Args:
         root: Data root (see :func:`resolve_data_root`).
@@ -1266,19 +1321,32 @@ def load_affnist_test(
         checksums are published), or ``None`` when no affNIST files are found.
 
     Raises:
-        DataError: A file is present but damaged.
+        DataError: A file is present but damaged. The message names the file and says how
+            to replace it or fall back to the generated set.
     """
     paths = find_affnist(root)
     if paths is None:
         return None
+    key = tuple(_stat_key(p) for p in paths)
+    hit = _AFFNIST_CACHE.get(key)
+    if hit is not None:
+        images_t, labels_t, files_cached = hit
+        return images_t, labels_t, [dict(f) for f in files_cached]
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     files: list[dict[str, Any]] = []
     for p in paths:
-        x, y = read_affnist_mat(p)
+        try:
+            x, y = read_affnist_mat(p)
+        except DataError as err:
+            raise DataError(f"{err}; {_affnist_hint(p)}") from err
         images.append(x)
         labels.append(y)
         files.append(file_info(p, None, p.name).as_dict())
     if len(images) == 1:
-        return images[0], labels[0], files
-    return torch.cat(images), torch.cat(labels), files
+        result = images[0], labels[0]
+    else:
+        result = torch.cat(images), torch.cat(labels)
+    _AFFNIST_CACHE.clear()
+    _AFFNIST_CACHE[key] = (*result, files)
+    return result[0], result[1], [dict(f) for f in files]

@@ -25,6 +25,7 @@ import torch
 from capsbench import transforms as T
 from capsbench.data import data_checksums, ensure_dataset
 from capsbench.errors import ConfigError, TrainingError
+from capsbench.locks import DirLock, remove_partial_files
 from capsbench.models import count_parameters, create_model
 from capsbench.profiles import get_profile
 from capsbench.registry import Registry
@@ -100,7 +101,7 @@ class TrainConfig:
     steps: int | None = None  # overrides the profile
     epochs: float | None = None  # overrides the profile (when steps is None)
     batch_size: int | None = None  # None: the profile's
-    lr: float = 1e-3
+    lr: float | None = None  # None: the profile's (1e-3, the paper's, except quick: 5e-4)
     lr_decay: float = 0.96
     lr_decay_steps: int = 2000
     amp: str | None = None  # "bf16" (CUDA only)
@@ -116,7 +117,7 @@ class TrainConfig:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ConfigError(f"train_limit must be >= 1, got {self.train_limit}")
@@ -149,7 +150,10 @@ class TrainConfig:
 
         steps, bs = self.resolved(60_000)
         version = model_info(self.model).get("version", 1)
-        return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []))
+        profile = get_profile(self.profile)
+        recipe = [f"lr_schedule={profile.lr_schedule}"] if profile.lr_schedule != "exp" else []
+        recipe += [f"lr={profile.lr:g}"] if self.lr is None else []
+        return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []) + recipe)
 
     @property
     def job_name(self) -> str:
@@ -180,6 +184,33 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> dict[str, Any]:
+    """Turn reproducible kernels on (or back to torch's defaults) and return the flags.
+
+    On: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel
+    raises instead of silently varying), cuDNN deterministic and not benchmarking, and
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` as CUDA >= 10.2 needs for deterministic cuBLAS. On the
+    CPU the same seed and thread count already give the same numbers; the flags matter on GPUs.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+    return determinism_flags()
+
+
+def determinism_flags() -> dict[str, Any]:
+    """What decides reproducibility in this process, for run.json."""
+    return {
+        "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -245,6 +276,9 @@ class TrainResult:
     stopped_early_at: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     data_checksums: dict[str, Any] = field(default_factory=dict)
+    # CUDA out-of-memory retries: [{"batch_size": tried, "error": message}, ...]; when not
+    # empty, ``config`` is the configuration that finally trained (a smaller batch size).
+    oom_retries: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- training
@@ -277,9 +311,29 @@ def train(
     dev = resolve_device(device)
     if cfg.amp == "bf16" and dev.type != "cuda":
         raise ConfigError("--amp bf16 needs a CUDA device; drop it on the CPU")
+    ensure_dataset(cfg.dataset, root=data_root, split="train")  # before the job folder exists
+    job_dir = Path(out) / "jobs" / cfg.job_name
+    # One trainer per job: a second process that needs it (another suite, a Ray task) waits
+    # and then reuses the finished checkpoint. The lock dies with its holder, so a job killed
+    # mid-training is resumed by the next run; its half-written temporary files are removed.
+    lock = DirLock(job_dir, "training job", wait=True,
+                   on_wait=lambda holder: log(f"waiting for job {cfg.job_name}, held by {holder}"))
+    with lock:
+        remove_partial_files(job_dir, recursive=False)
+        return _train_locked(cfg, job_dir, data_root, dev, progress, log, on_step)
+
+
+def _train_locked(
+    cfg: TrainConfig,
+    job_dir: Path,
+    data_root: str | os.PathLike | None,
+    dev: torch.device,
+    progress: bool,
+    log: Callable[[str], None],
+    on_step: Callable[[int], None] | None,
+) -> TrainResult:
     profile = get_profile(cfg.profile)
     proto = PROTOCOLS.get(cfg.protocol)
-    job_dir = Path(out) / "jobs" / cfg.job_name
     ckpt_path = job_dir / "checkpoint.pt"
     job_json = job_dir / "job.json"
 
@@ -292,13 +346,10 @@ def train(
     if job_json.exists() and ckpt_path.exists():
         meta = read_json(job_json)
         if meta.get("status") == "finished" and meta.get("key") == cfg.key:
-            state = torch.load(ckpt_path, map_location=dev, weights_only=False)
-            model.load_state_dict(state["model"])
             log(f"reusing finished job {job_dir}")
-            return TrainResult(
-                cfg, model, job_dir, meta["steps_done"], meta["train_time_s"],
-                meta["images_per_s"], True, meta.get("stopped_early_at"), meta.get("history", []), sums,
-            )
+            reused = load_finished(cfg, job_dir.parent.parent, dev)
+            reused.data_checksums = sums
+            return reused
 
     images, labels = train_set.images, train_set.labels
     if cfg.train_limit is not None:
@@ -309,10 +360,12 @@ def train(
     # time the target is reached; a model that never reaches it is recorded as such.
     steps_per_epoch = math.ceil(n / bs)
 
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cfg.lr_decay ** (s / cfg.lr_decay_steps)
-    )  # continuous exponential decay, as tf.train.exponential_decay without staircase
+    lr = cfg.lr if cfg.lr is not None else profile.lr
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if profile.lr_schedule == "linear":  # to 0 at the end of the budget
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
+    else:  # continuous exponential decay, as tf.train.exponential_decay without staircase
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_decay ** (s / cfg.lr_decay_steps))
 
     step, elapsed, history, stopped = 0, 0.0, [], None
     if ckpt_path.exists():
@@ -391,7 +444,7 @@ def train(
             if not math.isfinite(mean_loss):
                 raise TrainingError(
                     f"{cfg.model}: training loss became {mean_loss} by step {step}; the job "
-                    f"stopped (try a lower --lr than {cfg.lr}, or check the input data)"
+                    f"stopped (try a lower --lr than {lr:g}, or check the input data)"
                 )
             now = time.perf_counter()
             elapsed += now - t_mark
@@ -440,6 +493,70 @@ def train(
         },
     )
     return TrainResult(cfg, model, job_dir, step, elapsed, ips_total, False, stopped, history, sums)
+
+
+def load_finished(
+    cfg: TrainConfig, out: str | os.PathLike = "runs", device: str | torch.device = "auto"
+) -> TrainResult:
+    """The finished job ``cfg`` from its checkpoint, without touching the training data."""
+    dev = resolve_device(device)
+    job_dir = Path(out) / "jobs" / cfg.job_name
+    job_json = job_dir / "job.json"
+    meta = read_json(job_json) if job_json.exists() else {}
+    if meta.get("status") != "finished" or meta.get("key") != cfg.key:
+        raise TrainingError(f"job {job_dir} has not finished training; run it first (capsbench train or run)")
+    model = build_model(cfg, dev)
+    state = torch.load(job_dir / "checkpoint.pt", map_location=dev, weights_only=False)
+    model.load_state_dict(state["model"])
+    return TrainResult(
+        cfg, model, job_dir, meta["steps_done"], meta["train_time_s"], meta["images_per_s"], True,
+        meta.get("stopped_early_at"), meta.get("history", []), meta.get("data_checksums", {}),
+    )
+
+
+def train_with_retry(
+    cfg: TrainConfig,
+    out: str | os.PathLike = "runs",
+    data_root: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """:func:`train`, retried at half the batch size when the device runs out of memory.
+
+    Each retry is a job of its own (the batch size is part of the key) and is recorded in
+    ``TrainResult.oom_retries``. A fixed step budget doubles with each halving, so the job
+    still sees as many images. Below a batch size of 1 the error is raised as a
+    :class:`TrainingError` naming the sizes tried.
+    """
+    retries: list[dict[str, Any]] = []
+    train_size = 60_000
+    while True:
+        try:
+            result = train(cfg, out=out, data_root=data_root, device=device, progress=progress,
+                           log=log, on_step=on_step)
+            result.oom_retries = retries
+            return result
+        except torch.OutOfMemoryError as e:
+            _, bs = cfg.resolved(train_size)
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+            retries.append({"batch_size": bs, "error": first_line})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if bs <= 1:
+                tried = ", ".join(str(r["batch_size"]) for r in retries)
+                raise TrainingError(
+                    f"{cfg.model}: out of memory at every batch size tried ({tried}); use a "
+                    f"smaller model or input, or a device with more memory"
+                ) from None
+            log(f"{cfg.model} seed {cfg.seed}: out of memory at batch size {bs} ({first_line}); "
+                f"retrying at {bs // 2}")
+            steps, _ = cfg.resolved(train_size)
+            smaller = replace(cfg, batch_size=bs // 2)
+            if smaller.resolved(train_size)[0] == steps:  # a fixed step budget: keep the images seen
+                smaller = replace(smaller, steps=2 * steps)
+            cfg = smaller
 
 
 def evaluate_clean(

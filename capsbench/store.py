@@ -113,18 +113,55 @@ def order_columns(df):
     return df[first + middle + tail]
 
 
+def _unwritable(path: Path, reason: str) -> CapsbenchError:
+    return CapsbenchError(
+        f"output directory {path} is not writable ({reason}); choose another with --out DIR"
+    )
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Prove that ``path`` is, or can be created as, a writable folder; create nothing.
+
+    Meant for the checks a command makes before any work: a failing command must leave no
+    trace. The nearest existing folder at or above ``path`` gets a short-lived probe file.
+
+    Returns:
+        The absolute path.
+
+    Raises:
+        CapsbenchError: ``path`` (or a parent) is a regular file, or the nearest existing
+            folder cannot be written. The message names the path and the fix (``--out``).
+    """
+    path = Path(os.path.abspath(os.fspath(path)))
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        if existing.is_symlink():
+            raise _unwritable(path, f"{existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is an existing file" if existing == path else f"is under {existing}, which is a file"
+        raise CapsbenchError(f"output directory {path} {where}, not a folder; choose another with --out DIR")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise _unwritable(path, reason if existing == path else f"{existing}: {reason}") from None
+    return path
+
+
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and prove it is writable, before any work starts."""
     path = Path(path)
+    check_writable_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise CapsbenchError(
-            f"output directory {path} is not writable ({e.strerror}); choose another with --out DIR"
-        ) from None
+        raise _unwritable(path, e.strerror or str(e)) from None
     return path.resolve()
 
 

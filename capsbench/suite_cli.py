@@ -21,6 +21,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         match_accuracy=args.match_accuracy,
         progress=not args.no_progress,
         command="capsbench " + " ".join(sys.argv[1:]),
+        executor=args.executor,
+        ray_address=args.ray_address,
+        cpus_per_task=args.cpus_per_task,
+        deterministic=args.deterministic,
     )
     if not args.no_report:
         try:
@@ -42,6 +46,15 @@ def add_commands(sub, add_common) -> None:
     p.add_argument("--profile", default="quick", help="smoke, quick (CPU default) or paper")
     p.add_argument("--match-accuracy", type=_positive_float, default=None,
                    help="stop each model's training when its clean (expanded) test accuracy reaches this")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: each training job and evaluation batch as a Ray task")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to use with --executor ray (e.g. ray://HEAD:10001 or auto); "
+                        "default: start a local one for the run")
+    p.add_argument("--cpus-per-task", type=_positive_int, default=1,
+                   help="CPUs (and torch threads) per Ray task (default 1)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--no-progress", action="store_true")
     add_common(p)

@@ -6,9 +6,15 @@ Layout of ``--out`` (default ``runs/``)::
     runs/<suite>-<profile>/results.csv           tidy rows, rewritten atomically after each cell
     runs/<suite>-<profile>/run.json              resolved suite, configuration, provenance
     runs/<suite>-<profile>/predictions/<job>/<cell>.pt   per-image predictions (paired tests)
+    runs/<suite>-<profile>/.lock, runs/jobs/<job>/.lock   held while a run / a training job is live
 
-A second run into the same folder finds the finished jobs and cells and recomputes nothing.
-A cell that fails writes a row with its error and the run goes on.
+A second run into the same folder finds the finished jobs and cells and recomputes nothing;
+a run killed at any moment (even by SIGKILL) is completed by running it again: finished jobs
+and cells are kept, an interrupted job resumes from its last checkpoint, and the temporary
+files of interrupted writes are removed. A run directory is locked while a run uses it (a
+second run into it fails naming the holder). A cell that fails writes a row with its error,
+a job that cannot be trained (NaN loss, out of memory at every batch size) writes an error row,
+and the run goes on.
 """
 
 from __future__ import annotations
@@ -17,25 +23,27 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from capsbench.data import data_checksums, ensure_dataset, resolve_data_root
+from capsbench.data import data_checksums, ensure_dataset, load_affnist_test, resolve_data_root
 from capsbench.errors import CapsbenchError, ConfigError
-from capsbench.models import count_parameters, list_models
+from capsbench.executors import EXECUTORS, JobSpec, RunContext, make_executor
+from capsbench.locks import DirLock, remove_partial_files
+from capsbench.models import list_models
 from capsbench.profiles import get_profile
 from capsbench.runner import (
     PROTOCOLS,
     TrainConfig,
     TrainResult,
+    determinism_flags,
     predict,
     resolve_device,
-    to_float,
-    train,
+    set_deterministic,
 )
 from capsbench.store import (
     atomic_torch_save,
@@ -78,8 +86,18 @@ def run_suite(
     progress: bool = True,
     log: Callable[[str], None] = print,
     command: str | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    cpus_per_task: int = 1,
+    deterministic: bool = False,
+    lr: float | Mapping[str, float] | None = None,
 ) -> Path:
-    """Run a suite end to end and return its run directory (see the module docstring)."""
+    """Run a suite end to end and return its run directory (see the module docstring).
+
+    ``executor``: ``local`` (this process) or ``ray`` (see :mod:`capsbench.executors`).
+    ``deterministic``: reproducible kernels (:func:`capsbench.runner.set_deterministic`).
+    ``lr``: learning rate for every model, or per model name (others keep the default 1e-3).
+    """
     suite = get_suite(suite_name)
     prof = get_profile(profile)
     models = list(models or suite.default_models)
@@ -89,17 +107,43 @@ def run_suite(
         raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known models: {', '.join(known)}")
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
+    lrs = dict(lr) if isinstance(lr, Mapping) else {m: lr for m in models} if lr is not None else {}
+    bad_lr = {m: v for m, v in lrs.items() if not (isinstance(v, (int, float)) and v > 0)}
+    if bad_lr:
+        raise ConfigError(f"learning rates must be > 0, got {bad_lr}")
     dev = resolve_device(device)
-    out = ensure_writable_dir(out)
-    run_dir = ensure_writable_dir(out / f"{suite.name}-{prof.name}")
-    # Data first (fetching it when online), so a missing data set stops before any work.
+    for model_name in models:  # every number checked before anything is created
+        TrainConfig(model=model_name, dataset=suite.dataset, protocol=suite.protocol, profile=prof.name,
+                    match_accuracy=match_accuracy).validate()
+    # Data next (fetching it when online), so a missing or damaged file stops before any work;
+    # a real affNIST file present under the root must be readable too.
     test = ensure_dataset(suite.dataset, root=data_root, split="test")
     ensure_dataset(suite.dataset, root=data_root, split="train")
+    if any(c.eval_data == "affnist" for c in suite.cells):
+        load_affnist_test(data_root)
+    out = ensure_writable_dir(out)
+    run_dir = ensure_writable_dir(out / f"{suite.name}-{prof.name}")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    with DirLock(run_dir, "run directory", command=command):
+        removed = remove_partial_files(run_dir)
+        if removed:
+            log(f"removed {len(removed)} partial file(s) left by an interrupted run in {run_dir}")
+        try:
+                return _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, match_accuracy,
+                               progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs)
+        finally:
+            if deterministic and not was_deterministic:
+                set_deterministic(False)
+
+
+def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, match_accuracy,
+                progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs) -> Path:
     sums = data_checksums(suite.dataset, root=data_root)
     data_tag = stable_hash(sums, 16)
     n_eval = min(prof.eval_images or test.images.shape[0], test.images.shape[0])
-    x_clean = to_float(test.images[:n_eval])
-    y = test.labels[:n_eval]
+    flags = set_deterministic(True) if deterministic else determinism_flags()
     env = environment_info(dev)
 
     results_path = run_dir / "results.csv"
@@ -121,6 +165,9 @@ def run_suite(
                 "match_accuracy": match_accuracy,
                 "eval_images_per_cell": n_eval,
                 "device": str(dev),
+                "executor": executor,
+                "deterministic": deterministic,
+                "determinism_flags": flags,
                 "environment": env,
                 "data_root": str(resolve_data_root(data_root)),
                 "data_checksums": sums,
@@ -128,8 +175,7 @@ def run_suite(
             },
         )
 
-    write_run_json("running")
-    t0 = time.perf_counter()
+    specs: list[JobSpec] = []
     for model_name in models:
         for seed in range(seeds):
             cfg = TrainConfig(
@@ -139,6 +185,7 @@ def run_suite(
                 profile=prof.name,
                 seed=seed,
                 match_accuracy=match_accuracy,
+                **({"lr": float(lrs[model_name])} if model_name in lrs else {}),
             ).validate()
             base = {
                 "run_id": run_dir.name,
@@ -152,70 +199,71 @@ def run_suite(
                 "data_sha256": data_tag,
                 "job_key": cfg.key,
             }
-            todo = [c for c in suite.cells if (cfg.key, c.name) not in done]
+            todo = [c.name for c in suite.cells if (cfg.key, c.name) not in done]
             if not todo:
                 log(f"{model_name} seed {seed}: all {len(suite.cells)} cells already evaluated")
                 jobs_meta.append({"model": model_name, "seed": seed, "job_key": cfg.key, "reused": True})
                 continue
-            try:
-                result = train(cfg, out=out, data_root=data_root, device=dev, progress=progress, log=log)
-            except (CapsbenchError, torch.OutOfMemoryError) as e:
-                log(f"{model_name} seed {seed}: training failed: {e}")
-                rows.append({**base, "eval_data": "none", "transform": "train", "cell": "train", "metric": "train_error",
-                             "value": float("nan"), "n": 0, "error": str(e)})
-                write_rows_csv(results_path, rows)
-                jobs_meta.append({"model": model_name, "seed": seed, "job_key": cfg.key, "error": str(e)})
-                continue
-            jobs_meta.append(_job_meta(result))
-            write_run_json("running")
-            # Job rows first (replacing any from an earlier, interrupted run), then every
-            # cell's rows are written as soon as the cell is done.
-            rows = [r for r in rows if not (r["job_key"] == cfg.key and r["cell"] == "train")]
-            rows.extend(_train_rows(result, base, n_eval))
+            specs.append(JobSpec(cfg, base, todo))
 
-            def persist(cell_rows: list[dict[str, Any]]) -> None:
-                nonlocal rows
-                rows = _with_direction_means(suite, rows + cell_rows)
-                write_rows_csv(results_path, rows)
-
-            ctx = {"n": n_eval, "cache_dir": out / "cache", "root": data_root}
-            evaluate_cells(suite, result, todo, x_clean, y, run_dir, base, dev, log, ctx, persist)
+    write_run_json("running")
+    t0 = time.perf_counter()
+    ctx = RunContext(
+        suite=suite.name, out=str(out), run_dir=str(run_dir),
+        data_root=str(resolve_data_root(data_root)), device=str(dev), n_eval=n_eval,
+        deterministic=deterministic, progress=progress,
+    )
+    runner = make_executor(executor, log=log, address=ray_address, cpus_per_task=cpus_per_task) \
+        if executor == "ray" else make_executor(executor, log=log)
+    try:
+        for kind, spec, payload in runner.run(specs, ctx):
+            key = spec.base["job_key"]
+            if kind == "train_failed":
+                log(f"{spec.base['model']} seed {spec.base['seed']}: training failed: {payload}")
+                rows = [r for r in rows if not (r["job_key"] == key and r["cell"] == "train")]
+                rows.append({**spec.base, "eval_data": "none", "transform": "train", "cell": "train",
+                             "metric": "train_error", "value": float("nan"), "n": 0, "error": payload})
+                jobs_meta.append({"model": spec.base["model"], "seed": spec.base["seed"], "job_key": key,
+                                  "error": payload})
+                write_run_json("running")
+            elif kind == "trained":
+                jobs_meta.append(payload)
+                # Job rows first (replacing any from an earlier, interrupted run), then every
+                # cell's rows as soon as the cell is done.
+                rows = [r for r in rows if not (r["job_key"] == key and r["cell"] == "train")]
+                rows.extend(_train_rows(payload, spec.base))
+                write_run_json("running")
+            else:
+                rows = _with_direction_means(suite, rows + payload)
+            write_rows_csv(results_path, rows)
+    finally:
+        runner.close()
     write_run_json("finished")
     log(f"{suite.name}: done in {time.perf_counter() - t0:.0f} s; results in {results_path}")
     return run_dir
 
 
-def _job_meta(result: TrainResult) -> dict[str, Any]:
-    return {
-        "model": result.config.model,
-        "seed": result.config.seed,
-        "job_key": result.config.key,
-        "job_dir": str(result.job_dir),
-        "steps": result.steps_done,
-        "train_time_s": result.train_time_s,
-        "images_per_s": result.images_per_s,
-        "stopped_early_at": result.stopped_early_at,
-        "reused": result.reused,
-        "params": count_parameters(result.model),
-    }
-
-
-def _train_rows(result: TrainResult, base: dict[str, Any], n_eval: int) -> list[dict[str, Any]]:
+def _train_rows(meta: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
     common = {**base, "eval_data": "none", "transform": "train", "cell": "train", "error": ""}
     out = [
-        {**common, "metric": "params", "value": float(count_parameters(result.model)), "n": 1},
-        {**common, "metric": "train_steps", "value": float(result.steps_done), "n": 1},
-        {**common, "metric": "train_time_s", "value": float(result.train_time_s), "n": 1},
+        {**common, "metric": "params", "value": float(meta["params"]), "n": 1},
+        {**common, "metric": "train_steps", "value": float(meta["steps"]), "n": 1},
+        {**common, "metric": "train_time_s", "value": float(meta["train_time_s"]), "n": 1},
     ]
-    if result.config.match_accuracy is not None:
-        stop = result.stopped_early_at
+    if meta.get("match_accuracy") is not None:
+        stop = meta.get("stopped_early_at")
         out.append({**common, "metric": "matched_at_step", "value": float(stop) if stop else float("nan"), "n": 1})
+    if meta.get("oom_retries"):  # trained at a smaller batch size than planned
+        out.append({**common, "metric": "train_batch_size", "value": float(meta["batch_size"]), "n": 1})
+        out.append({**common, "metric": "oom_retries", "value": float(len(meta["oom_retries"])), "n": 1})
     return out
 
 
-def _predictions_dir(run_dir: Path, result: TrainResult) -> Path:
+def _predictions_dir(run_dir: Path, base: dict[str, Any], result: TrainResult) -> Path:
+    # keyed like the rows (the planned job), even when an out-of-memory retry trained another
     cfg = result.config
-    return run_dir / "predictions" / f"{cfg.model}-s{cfg.seed}-{cfg.key}"
+    model, seed, key = base.get("model", cfg.model), base.get("seed", cfg.seed), base.get("job_key", cfg.key)
+    return run_dir / "predictions" / f"{model}-s{seed}-{key}"
 
 
 def load_predictions(run_dir: Path, model: str, seed: int, job_key: str, cell: str) -> dict[str, torch.Tensor] | None:
@@ -244,7 +292,7 @@ def evaluate_cells(
     ``persist(rows)`` is called after each cell with that cell's rows, so an interrupted run
     keeps every finished cell.
     """
-    pred_dir = _predictions_dir(run_dir, result)
+    pred_dir = _predictions_dir(run_dir, base, result)
     preds: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     for cell in cells:

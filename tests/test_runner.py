@@ -12,7 +12,7 @@ from capsbench.runner import TrainConfig, evaluate_clean, train
 
 
 def test_lenet5_learns_real_mnist(data_root, tmp_path):
-    cfg = TrainConfig(model="lenet5", steps=800, batch_size=32, train_limit=2000, seed=0)
+    cfg = TrainConfig(model="lenet5", steps=800, batch_size=32, train_limit=2000, seed=0, lr=1e-3)
     res = train(cfg, out=tmp_path, data_root=data_root, device="cpu", progress=False)
     clean = evaluate_clean(res, data_root=data_root, limit=1000)
     assert clean["n"] == 1000
