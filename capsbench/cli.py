@@ -75,8 +75,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         for name in PROFILES:
             p = PROFILES.get(name)
-            print(f"{name:<8} batch {p.batch_size}, eval images per cell {p.eval_images or 'all'}, "
-                  f"steps {p.steps or f'{p.epochs:g} epochs'}")
+            sched = "linear to 0" if p.lr_schedule == "linear" else "x0.96 per 2,000 steps"
+            print(f"{name:<8} batch {p.batch_size}, Adam lr {p.lr:g} ({sched}), eval images per cell "
+                  f"{p.eval_images or 'all'}, steps {p.steps or f'{p.epochs:g} epochs'}")
     elif args.what == "protocols":
         from capsbench.runner import PROTOCOLS
 
