@@ -144,7 +144,7 @@ def _finished_work(out: Path, run_dir: Path) -> dict[Path, int]:
 
 
 def test_a_suite_killed_at_any_moment_completes_without_redoing_finished_work(tmp_path, data_root):
-    args = ["run", "--suite", "part_shuffle", "--profile", "smoke", "--models", "lenet5,capsnet_r1",
+    args = ["run", "--suite", "part_shuffle", "--profile", "smoke", "--models", "lenet5", "--seeds", "2",
             "--data-root", str(data_root), "--device", "cpu", "--no-progress", "--no-report"]
     ref = tmp_path / "ref"
     subprocess.run(_cli(*args, "--out", str(ref)), env=ENV, check=True, capture_output=True, timeout=300)
@@ -158,19 +158,26 @@ def test_a_suite_killed_at_any_moment_completes_without_redoing_finished_work(tm
         lambda: len(list(run_dir.glob("predictions/*/*.pt"))) >= 3,
     ]
     kills = 0
-    for ready in triggers:
+    for i, ready in enumerate(triggers):
         before = _finished_work(out, run_dir)
-        kills += _kill_when(_cli(*args, "--out", str(out)), ready)
+        killed = _kill_when(_cli(*args, "--out", str(out)), ready)
+        kills += killed
         # whatever had finished before this start was not redone by it
         assert {p: p.stat().st_mtime_ns for p in before} == before
+        print(f"start {i + 1}: {'killed' if killed else 'finished'}; finished before it: {len(before)} files "
+              f"(kept); after it: {len(_finished_work(out, run_dir))} finished jobs/cells, partial files "
+              f"left: {[p.name for p in _partial_files(out)]}")
     assert kills >= 2, "the run finished before it could be killed"
 
     before = _finished_work(out, run_dir)
     n_done_cells = sum(p.parent.parent.name == "predictions" for p in before)
     proc = subprocess.run(_cli(*args, "--out", str(out)), env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    print(f"final start: {proc.stdout.count(': accuracy ')} cells evaluated, "
+          f"{proc.stdout.count('reusing finished job')} finished jobs reused, "
+          f"{proc.stdout.count('resuming')} resumed; kept {len(before)} finished files")
     assert {p: p.stat().st_mtime_ns for p in before} == before  # no finished job or cell redone
-    assert proc.stdout.count(": accuracy ") == 10 - n_done_cells  # 2 models x 5 cells: the missing ones
+    assert proc.stdout.count(": accuracy ") == 10 - n_done_cells  # 2 jobs x 5 cells: the missing ones
     assert _partial_files(out) == []
     pd.testing.assert_frame_equal(_table(run_dir).reset_index(drop=True),
                                   _table(ref / "part_shuffle-smoke").reset_index(drop=True))
