@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import re
 import shutil
 import threading
@@ -615,3 +616,51 @@ def test_affnist_empty_fields(tmp_path: Path) -> None:
     scipy.io.savemat(path, {"affNISTdata": {"image": np.empty((0, 0)), "label_int": []}})
     with pytest.raises(DataError, match=re.escape(str(path))):
         read_affnist_mat(path)
+
+
+def _valid_mat_bytes(compressed: bool) -> bytes:
+    images, labels = _affnist_images(2, seed=1)
+    buf = io.BytesIO()
+    struct = {"image": images.reshape(2, 1600).T, "label_int": labels[None, :]}
+    scipy.io.savemat(buf, {"affNISTdata": struct}, do_compression=compressed)
+    return buf.getvalue()
+
+
+_VALID_MAT = {False: _valid_mat_bytes(False), True: _valid_mat_bytes(True)}
+
+
+def _read_mat_or_dataerror(path: Path) -> None:
+    try:
+        x, y = read_affnist_mat(path)
+    except DataError as err:
+        assert str(path) in str(err)
+    else:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (40, 40) and y.shape == (x.shape[0],)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    content=st.one_of(
+        st.binary(max_size=400),
+        st.binary(max_size=300).map(lambda b: _VALID_MAT[False][:128] + b),  # a real header, then noise
+    )
+)
+def test_read_affnist_mat_fuzz_random_bytes(fuzz_dir: Path, content: bytes) -> None:
+    _read_mat_or_dataerror(write(fuzz_dir / "random.mat", content))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    compressed=st.booleans(),
+    cut=st.floats(0, 1),
+    flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), max_size=4),
+)
+def test_read_affnist_mat_fuzz_truncation_and_flips(
+    fuzz_dir: Path, compressed: bool, cut: float, flips: list[tuple[int, int]]
+) -> None:
+    good = _VALID_MAT[compressed]
+    content = bytearray(good[: max(0, int(len(good) * cut))] if cut < 1 else good)
+    for at, mask in flips:
+        if content:
+            content[at % len(content)] ^= mask
+    _read_mat_or_dataerror(write(fuzz_dir / "mutated.mat", bytes(content)))
