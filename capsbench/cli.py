@@ -286,6 +286,10 @@ def _preflight(args: argparse.Namespace) -> None:
         resolve_device(args.device)
         check_writable_dir(args.out)
     elif command == "report":
+        from capsbench.report import check_metrics
+
+        if args.metrics is not None:
+            check_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
         _check_data_root(args, use_env=False)  # without --data-root each run's own root is used
         check_writable_dir(args.out)
 

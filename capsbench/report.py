@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from capsbench import paper
-from capsbench.errors import CapsbenchError
+from capsbench.errors import CapsbenchError, ConfigError
 from capsbench.store import (
     ID_COLUMNS,
     PROVENANCE_COLUMNS,
@@ -1380,15 +1380,30 @@ def _verdict_table(verdicts: Sequence[Verdict]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- entry point
 
 
+def check_metrics(metrics: Sequence[str] | None) -> list[str] | None:
+    """Validate metric names for ``--metrics``; an unknown one raises, listing the valid ones."""
+    if metrics is None:
+        return None
+    unknown = [m for m in metrics if m not in METRIC_ORDER]
+    if unknown or not metrics:
+        raise ConfigError(f"unknown metric(s) {', '.join(map(repr, unknown)) or '(none given)'} in --metrics; "
+                          f"valid metrics: {', '.join(METRIC_ORDER)}")
+    return list(metrics)
+
+
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: str | None = None,
-                 data_root: str | Path | None = None) -> Path:
+                 data_root: str | Path | None = None, metrics: Sequence[str] | None = None) -> Path:
     """Write the report for ``run_dirs`` into ``out_dir``; returns the path of ``index.html``.
+
+    ``metrics``: the metrics the tables show (default: all of accuracy, confidence, unchanged).
 
     Raises:
         CapsbenchError: a path is not a run directory, or a run has no result rows.
+        ConfigError: an unknown metric name.
     """
     from capsbench.report_cost import add_cost_section, is_profile_run
 
+    metrics = check_metrics(metrics)
     runs = load_runs(list(run_dirs))
     suite_runs = [r for r in runs if not is_profile_run(r)]  # profile runs only feed the Cost section
     out_dir = ensure_writable_dir(out_dir)
@@ -1399,6 +1414,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
             old.unlink()
     title = title or "capsbench report: " + ", ".join(r.label for r in runs)
     summary = summarize(suite_runs)
+    if metrics is not None and not summary.empty:
+        summary = summary[summary["metric"].isin(metrics)]
     verdicts = [v for claim in CLAIMS for v in evaluate_claim(claim, suite_runs)]
 
     doc = Doc()

@@ -8,7 +8,8 @@ import argparse
 def cmd_report(args: argparse.Namespace) -> int:
     from capsbench.report import write_report
 
-    path = write_report(args.run_dirs, args.out, title=args.title, data_root=args.data_root)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
+    path = write_report(args.run_dirs, args.out, title=args.title, data_root=args.data_root, metrics=metrics)
     print(f"report: {path}")
     print(f"        {path.parent / 'report.md'}")
     return 0
@@ -32,4 +33,6 @@ def add_commands(sub, add_common=None) -> None:
     p.add_argument("--title", default=None, help="report title (default: names the runs)")
     p.add_argument("--data-root", default=None,
                    help="data root for the example images and reconstructions (default: each run's own)")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated metrics for the tables: accuracy, confidence, unchanged (default: all)")
     p.set_defaults(func=cmd_report)

@@ -333,6 +333,8 @@ def prior_run(tmp_path: Path) -> Path:
         pytest.param(["profile", "--models", "lenet", "--device", "cpu"], ["'lenet'", "known models:", "lenet5"],
                      id="profile_models"),
         pytest.param(["list", "model"], ["'model'", "'models'", "'suites'"], id="list_what"),
+        pytest.param(["report", "runs/rotation-quick", "--metrics", "accuracy,acuracy"],
+                     ["'acuracy'", "--metrics", "valid metrics: accuracy, confidence, unchanged"], id="report_metric"),
         # 6. invalid numbers: the message names the option and what it must be
         pytest.param([*TRAIN, "--epochs", "0"], ["--epochs", "> 0", "got 0"], id="epochs_zero"),
         pytest.param([*TRAIN, "--epochs", "inf"], ["--epochs", "finite number > 0", "got inf"], id="epochs_inf"),

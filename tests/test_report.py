@@ -421,3 +421,13 @@ def test_cli_report_command(runs, tmp_path, capsys):
     text = (out / "index.html").read_text()
     assert "<title>PS only</title>" in text
     assert parser.parse_args(["report", "x"]).out == "reports/latest"
+
+
+def test_metrics_option_limits_the_tables(runs, tmp_path):
+    out = tmp_path / "acc-only"
+    report.write_report([runs["part_shuffle"]], out, metrics=["accuracy", "unchanged"])
+    tables = {p.name for p in (out / "tables").glob("part_shuffle*.csv")}
+    assert any(t.endswith("_accuracy.csv") for t in tables) and any(t.endswith("_unchanged.csv") for t in tables)
+    assert not any(t.endswith("_confidence.csv") for t in tables)
+    with pytest.raises(CapsbenchError, match="valid metrics: accuracy, confidence, unchanged"):
+        report.write_report([runs["part_shuffle"]], out, metrics=["acc"])
