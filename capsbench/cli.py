@@ -76,7 +76,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in PROFILES:
             p = PROFILES.get(name)
             sched = "linear to 0" if p.lr_schedule == "linear" else "x0.96 per 2,000 steps"
-            print(f"{name:<8} batch {p.batch_size}, Adam lr {p.lr:g} ({sched}), eval images per cell "
+            lrs = f"{p.lr:g}" + "".join(f", {m} {v:g}" for m, v in p.lr_per_model.items())
+            print(f"{name:<8} batch {p.batch_size}, Adam lr {lrs} ({sched}), eval images per cell "
                   f"{p.eval_images or 'all'}, steps {p.steps or f'{p.epochs:g} epochs'}")
     elif args.what == "protocols":
         from capsbench.runner import PROTOCOLS

@@ -101,7 +101,7 @@ class TrainConfig:
     steps: int | None = None  # overrides the profile
     epochs: float | None = None  # overrides the profile (when steps is None)
     batch_size: int | None = None  # None: the profile's
-    lr: float | None = None  # None: the profile's (1e-3, the paper's, except quick: 5e-4)
+    lr: float | None = None  # None: the profile's (the paper's 1e-3; quick: see profiles.py)
     lr_decay: float = 0.96
     lr_decay_steps: int = 2000
     amp: str | None = None  # "bf16" (CUDA only)
@@ -152,7 +152,7 @@ class TrainConfig:
         version = model_info(self.model).get("version", 1)
         profile = get_profile(self.profile)
         recipe = [f"lr_schedule={profile.lr_schedule}"] if profile.lr_schedule != "exp" else []
-        recipe += [f"lr={profile.lr:g}"] if self.lr is None else []
+        recipe += [f"lr={profile.lr_for(self.model):g}"] if self.lr is None else []
         return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []) + recipe)
 
     @property
@@ -360,7 +360,7 @@ def _train_locked(
     # time the target is reached; a model that never reaches it is recorded as such.
     steps_per_epoch = math.ceil(n / bs)
 
-    lr = cfg.lr if cfg.lr is not None else profile.lr
+    lr = cfg.lr if cfg.lr is not None else profile.lr_for(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     if profile.lr_schedule == "linear":  # to 0 at the end of the budget
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
