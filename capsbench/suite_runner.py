@@ -96,7 +96,7 @@ def run_suite(
 
     ``executor``: ``local`` (this process) or ``ray`` (see :mod:`capsbench.executors`).
     ``deterministic``: reproducible kernels (:func:`capsbench.runner.set_deterministic`).
-    ``lr``: learning rate for every model, or per model name (others keep the default 1e-3).
+    ``lr``: learning rate for every model, or per model name (others keep the profile's).
     """
     suite = get_suite(suite_name)
     prof = get_profile(profile)
@@ -131,7 +131,7 @@ def run_suite(
         if removed:
             log(f"removed {len(removed)} partial file(s) left by an interrupted run in {run_dir}")
         try:
-                return _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, match_accuracy,
+            return _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, match_accuracy,
                                progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs)
         finally:
             if deterministic and not was_deterministic:

@@ -85,3 +85,20 @@ def test_match_accuracy_stops_at_the_target_and_records_the_step(data_root, tmp_
     assert res.steps_done == res.stopped_early_at and res.stopped_early_at % 20 == 0
     accs = [h["match_acc"] for h in res.history if "match_acc" in h]
     assert accs[-1] >= 0.6 and all(a < 0.6 for a in accs[:-1])
+
+
+def test_quick_profile_anneals_linearly_to_zero_and_smoke_keeps_the_paper_decay(data_root, tmp_path):
+    from capsbench.profiles import get_profile
+
+    quick = TrainConfig(model="lenet5", profile="quick", steps=20, batch_size=16, train_limit=320)
+    res = train(quick, out=tmp_path, data_root=data_root, device="cpu", progress=False)
+    state = torch.load(res.job_dir / "checkpoint.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-3)
+    smoke = TrainConfig(model="lenet5", profile="smoke", steps=20, batch_size=16, train_limit=320)
+    res = train(smoke, out=tmp_path, data_root=data_root, device="cpu", progress=False)
+    lr = torch.load(res.job_dir / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-3 * 0.96 ** (20 / 2000))
+    assert get_profile("quick").lr_for("cnn_maxpool") == 5e-4 and get_profile("quick").lr_for("capsnet") == 1e-3
+    # the recipe is part of the job key: another rate is another job
+    assert TrainConfig(model="cnn_maxpool").key != TrainConfig(model="cnn_maxpool", lr=1e-3).key
