@@ -136,6 +136,7 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from capsbench.data import resolve_data_root
     from capsbench.runner import (
+        SpeedOptions,
         evaluate_clean,
         resolve_device,
         set_deterministic,
@@ -147,8 +148,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     out = ensure_writable_dir(args.out)
     dev = resolve_device(args.device)
+    speed = SpeedOptions(channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile,
+                         curve=args.curve).check(dev)
     flags = set_deterministic(args.deterministic)
-    result = train_with_retry(cfg, out=out, data_root=args.data_root, device=dev, progress=not args.no_progress)
+    result = train_with_retry(cfg, out=out, data_root=args.data_root, device=dev, progress=not args.no_progress,
+                              speed=speed)
     clean = evaluate_clean(result, data_root=args.data_root)
     rows = train_rows(result, clean, run_id=cfg.job_name, profile=cfg.profile, device=str(dev))
     write_rows_csv(result.job_dir / "results.csv", rows)
@@ -169,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "trained_config": result.config,
             "oom_retries": result.oom_retries,
             "determinism_flags": flags,
+            "speed_options": speed,
         },
     )
     print(
@@ -353,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=_positive_float, default=None)
     pt.add_argument("--seed", type=_nonneg_int, default=0)
     pt.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast (CUDA only)")
+    pt.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs (faster on GPUs)")
+    pt.add_argument("--cuda-graph", action="store_true",
+                    help="capture the whole training step as one CUDA graph and replay it (CUDA only)")
+    pt.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    pt.add_argument("--curve", action="store_true",
+                    help="evaluate the test set after every epoch and keep the learning curve in job.json")
     pt.add_argument("--deterministic", action="store_true",
                     help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")
     pt.add_argument("--no-progress", action="store_true")

@@ -66,6 +66,28 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speed(args: argparse.Namespace) -> int:
+    from capsbench.runner import resolve_device
+    from capsbench.speed import format_rows, run_speed, write_rows
+    from capsbench.store import ensure_writable_dir, environment_info
+
+    dev = resolve_device(args.device)
+    out = ensure_writable_dir(args.out) / f"speed-{dev.type}"
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    batch_sizes = args.batch_sizes or ([128, 512, 1024] if dev.type == "cuda" else [32])
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    rows = run_speed(args.model, variants, batch_sizes, dev, data_root=args.data_root, budget_s=args.budget,
+                     infer_batch=args.infer_batch, epoch=args.epoch, deadline_s=args.deadline, log=log)
+    write_rows(rows, out, {"command": "capsbench " + " ".join(sys.argv[1:]),
+                           "environment": environment_info(dev)})
+    print(format_rows(rows))
+    print(f"results: {out / 'results.csv'}")
+    return 0
+
+
 def add_commands(sub, add_common) -> None:
     from capsbench.cli import _nonneg_int, _positive_float, _positive_int
 
@@ -96,3 +118,24 @@ def add_commands(sub, add_common) -> None:
                    help="also write a torch.profiler chrome trace of one training step per model, with stage ranges")
     add_common(p)
     p.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser(
+        "speed",
+        help="images/s of a model's real training step with the data on the device (bf16, channels_last, "
+             "CUDA graphs, torch.compile)",
+        description="Time the runner's training step and inference of one model, MNIST resident on the "
+                    "device, per speed variant and batch size; writes <out>/speed-<device>/results.csv. "
+                    "See capsbench/speed.py for what each variant does.",
+    )
+    s.add_argument("--model", default="capsnet")
+    s.add_argument("--variants", default="fp32,bf16,bf16_cl,bf16_cl_graph",
+                   help="comma-separated: fp32, bf16, bf16_cl, bf16_cl_graph, bf16_cl_compile "
+                        "(bf16 and later need CUDA, except bf16 autocast also runs on CPU)")
+    s.add_argument("--batch-sizes", type=_int_list, default=None, help="default 128,512,1024 on CUDA, 32 on CPU")
+    s.add_argument("--budget", type=_positive_float, default=2.0, help="seconds of timed repeats per configuration")
+    s.add_argument("--infer-batch", type=_positive_int, default=1024, help="inference batch size (default 1024)")
+    s.add_argument("--epoch", action="store_true", help="also time one full pass over the 60,000 training images")
+    s.add_argument("--deadline", type=_positive_float, default=None,
+                   help="skip the configurations that would start after this many seconds")
+    add_common(s)
+    s.set_defaults(func=cmd_speed)

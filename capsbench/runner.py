@@ -281,7 +281,105 @@ class TrainResult:
     oom_retries: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How a job runs on its device, not what it computes: none of this is in the job key.
+
+    channels_last: weights and inputs in NHWC (faster convolutions on tensor cores).
+    cuda_graph: capture the whole step (forward, loss, backward, Adam) once as a CUDA graph
+        and replay it (CUDA only): no launch overhead, no host synchronisation in the step.
+    compile: ``torch.compile`` the model (CUDA only here; compiling takes a while).
+    curve: evaluate the clean test set at the end of every epoch and keep the accuracy in the
+        job's history (the learning curve; costs one test-set pass per epoch).
+    """
+
+    channels_last: bool = False
+    cuda_graph: bool = False
+    compile: bool = False
+    curve: bool = False
+
+    def check(self, dev: torch.device) -> SpeedOptions:
+        if (self.cuda_graph or self.compile) and dev.type != "cuda":
+            raise ConfigError("--cuda-graph and --compile need a CUDA device; drop them on the CPU")
+        if self.cuda_graph and self.compile:
+            raise ConfigError("use one of --cuda-graph and --compile, not both")
+        return self
+
+
 # --------------------------------------------------------------------------- training
+
+
+# An epoch-end checkpoint is skipped when the last one is younger than this (an epoch takes
+# seconds on a GPU; writing ~100 MB of weights and Adam state each time would slow it down).
+# Checkpoints every ``checkpoint_every`` steps are always written.
+MIN_SAVE_INTERVAL_S = 30.0
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, capturable: bool = False):
+    """Adam, fused into one kernel on CUDA; ``capturable`` for a CUDA-graph step."""
+    if device.type == "cuda":
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def build_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    bf16: bool,
+    speed: SpeedOptions,
+    x0: torch.Tensor,
+    y0: torch.Tensor,
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """One training step (forward, loss, backward, optimizer) as ``step(x, y) -> (loss, scores)``.
+
+    Eager by default; ``speed.compile`` compiles the model; ``speed.cuda_graph`` captures the
+    step as a CUDA graph. Capturing needs a few warm-up steps (they create the optimizer
+    state and the kernels' workspaces); their effect on the weights and on Adam's state is
+    undone in place, so a graph-trained job computes the same steps as an eager one.
+    """
+    fwd = torch.compile(model) if speed.compile else model
+
+    def eager(x: torch.Tensor, y: torch.Tensor):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not speed.cuda_graph):
+            out = fwd(x, y)
+            loss = model.loss(out, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss, out.scores
+
+    if not speed.cuda_graph:
+        return eager
+    params = [p for p in model.parameters()]
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = {id(t): t.clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
+    static_x, static_y = x0.clone(), y0.clone()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            eager(static_x, static_y)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss, static_scores = eager(static_x, static_y)
+    with torch.no_grad():  # undo the warm-up and capture steps, in place (the graph keeps the storage)
+        for p, v in zip(params, saved_params, strict=True):
+            p.copy_(v)
+        for st in opt.state.values():
+            for t in st.values():
+                if torch.is_tensor(t):
+                    t.copy_(saved_state[id(t)]) if id(t) in saved_state else t.zero_()
+
+    def replay(x: torch.Tensor, y: torch.Tensor):
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        return static_loss, static_scores
+
+    return replay
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -299,18 +397,21 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
+    speed: SpeedOptions | None = None,
 ) -> TrainResult:
     """Train one model (or reuse the finished job with the same key) and return it.
 
     The job directory ``<out>/jobs/<job_name>/`` holds ``checkpoint.pt`` (written atomically
     every epoch and every ``checkpoint_every`` steps; an interrupted job resumes from it) and
     ``job.json`` (config, status, timings) once finished. ``on_step(step)`` is called after
-    every step (progress hooks, tests that interrupt a job).
+    every step (progress hooks, tests that interrupt a job). ``speed``: see
+    :class:`SpeedOptions`.
     """
     cfg = cfg.validate()
     dev = resolve_device(device)
     if cfg.amp == "bf16" and dev.type != "cuda":
         raise ConfigError("--amp bf16 needs a CUDA device; drop it on the CPU")
+    speed = (speed or SpeedOptions()).check(dev)
     ensure_dataset(cfg.dataset, root=data_root, split="train")  # before the job folder exists
     job_dir = Path(out) / "jobs" / cfg.job_name
     # One trainer per job: a second process that needs it (another suite, a Ray task) waits
@@ -320,7 +421,7 @@ def train(
                    on_wait=lambda holder: log(f"waiting for job {cfg.job_name}, held by {holder}"))
     with lock:
         remove_partial_files(job_dir, recursive=False)
-        return _train_locked(cfg, job_dir, data_root, dev, progress, log, on_step)
+        return _train_locked(cfg, job_dir, data_root, dev, progress, log, on_step, speed)
 
 
 def _train_locked(
@@ -331,6 +432,7 @@ def _train_locked(
     progress: bool,
     log: Callable[[str], None],
     on_step: Callable[[int], None] | None,
+    speed: SpeedOptions,
 ) -> TrainResult:
     profile = get_profile(cfg.profile)
     proto = PROTOCOLS.get(cfg.protocol)
@@ -361,7 +463,9 @@ def _train_locked(
     steps_per_epoch = math.ceil(n / bs)
 
     lr = cfg.lr if cfg.lr is not None else profile.lr_for(cfg.model)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, lr, dev, capturable=speed.cuda_graph)
     if profile.lr_schedule == "linear":  # to 0 at the end of the budget
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
     else:  # continuous exponential decay, as tf.train.exponential_decay without staircase
@@ -380,16 +484,22 @@ def _train_locked(
             sched.load_state_dict(state["scheduler"])
             step, elapsed, history = state["step"], state["elapsed"], state.get("history", [])
             log(f"resuming {cfg.job_name} at step {step}/{total_steps}")
+    if speed.cuda_graph:  # the graph reads the rate from a device tensor the schedule fills
+        for group in opt.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=dev)
 
     images = images.to(dev)  # uint8, resident on the device
     labels = labels.to(dev)
-    match_x = match_y = None
+    match_x = match_y = curve_x = curve_y = None
     if cfg.match_accuracy is not None:
         test = ensure_dataset(cfg.dataset, root=data_root, split="test")
         n_match = profile.eval_images or test.images.shape[0]
         g = _generator(cfg.seed, 7919)
         match_x = proto.augment(to_float(test.images[:n_match]), g)
         match_y = test.labels[:n_match]
+    if speed.curve:  # the clean test cell of this protocol, whole test set
+        test = ensure_dataset(cfg.dataset, root=data_root, split="test")
+        curve_x, curve_y = proto.clean(to_float(test.images)), test.labels
 
     def save(finished: bool) -> None:
         atomic_torch_save(
@@ -414,7 +524,13 @@ def _train_locked(
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc=cfg.model, unit="step", leave=False)
+    if dev.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    # On a GPU a step takes milliseconds: read the loss back (a host synchronisation) less often.
+    sync_every = 100 if dev.type == "cuda" else 10
+    one_step = short_step = None  # built at the first step (a CUDA graph captures a real batch)
     t_mark = time.perf_counter()
+    last_save = -math.inf  # epoch-end checkpoints at most every MIN_SAVE_INTERVAL_S seconds
     seen_since = 0
     run_loss = run_acc = 0.0
     logged = 0
@@ -426,20 +542,24 @@ def _train_locked(
             perm_epoch = epoch
         idx = perm[pos * bs : (pos + 1) * bs]
         x = proto.augment(to_float(images[idx]), _generator(cfg.seed, epoch, pos, 1))
+        if speed.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-            out_ = model(x, y)
-            loss = model.loss(out_, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if one_step is None:
+            one_step = build_step(model, opt, dev, cfg.amp == "bf16", speed, x, y)
+        if speed.cuda_graph and idx.shape[0] != bs:  # a graph has fixed shapes: a short
+            if short_step is None:  # last batch of an epoch runs eagerly
+                short_step = build_step(model, opt, dev, cfg.amp == "bf16", SpeedOptions(), x, y)
+            loss, scores = short_step(x, y)
+        else:
+            loss, scores = one_step(x, y)
         sched.step()
         step += 1
         seen_since += idx.shape[0]
         run_loss += loss.detach()
-        run_acc += (out_.scores.detach().argmax(1) == y).float().mean()
+        run_acc += (scores.detach().argmax(1) == y).float().mean()
         logged += 1
-        if step % 10 == 0 or step == total_steps:
+        if step % sync_every == 0 or step == total_steps:
             mean_loss = (run_loss / logged).item()  # one host sync per 10 steps
             if not math.isfinite(mean_loss):
                 raise TrainingError(
@@ -464,9 +584,15 @@ def _train_locked(
                 stopped = step
                 log(f"{cfg.model}: reached {acc:.4f} >= {cfg.match_accuracy} at step {step}")
                 break
-        if step % profile.checkpoint_every == 0 or step % steps_per_epoch == 0:
-            save(False)
+        if curve_x is not None and step % steps_per_epoch == 0:
+            acc = accuracy(predict(model, curve_x, device=dev, amp=cfg.amp)[0], curve_y)
+            history.append({"step": step, "epoch": step / steps_per_epoch, "test_acc": acc})
+            log(f"{cfg.model}: epoch {step / steps_per_epoch:g} step {step}: test accuracy {acc:.4f}")
             t_mark = time.perf_counter()
+        epoch_end = step % steps_per_epoch == 0 and time.perf_counter() - last_save >= MIN_SAVE_INTERVAL_S
+        if step % profile.checkpoint_every == 0 or epoch_end:
+            save(False)
+            last_save = t_mark = time.perf_counter()
         if on_step is not None:
             on_step(step)
     if bar is not None:
@@ -522,6 +648,7 @@ def train_with_retry(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
+    speed: SpeedOptions | None = None,
 ) -> TrainResult:
     """:func:`train`, retried at half the batch size when the device runs out of memory.
 
@@ -535,7 +662,7 @@ def train_with_retry(
     while True:
         try:
             result = train(cfg, out=out, data_root=data_root, device=device, progress=progress,
-                           log=log, on_step=on_step)
+                           log=log, on_step=on_step, speed=speed)
             result.oom_retries = retries
             return result
         except torch.OutOfMemoryError as e:

@@ -246,6 +246,11 @@ def _translate_into(x: Tensor, out_h: int, out_w: int, off_x: Tensor, off_y: Ten
     """
     b, _, h, w = x.shape
     dev = x.device
+    if dev.type == "cuda" and off_x.device.type == "cpu":
+        # offsets drawn on the CPU (seeded, the same on every device) go up in one pinned,
+        # asynchronous copy: a pageable copy would stall the host on every training step
+        offs = torch.stack([off_x, off_y]).pin_memory().to(dev, non_blocking=True)
+        off_x, off_y = offs[0], offs[1]
     off_x = off_x.to(dev)
     off_y = off_y.to(dev)
     rows = torch.arange(out_h, device=dev)[None, :] - off_y[:, None]  # (B, out_h) source rows

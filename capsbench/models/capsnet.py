@@ -86,6 +86,12 @@ def _route_forward(u_hat: torch.Tensor, iterations: int):
     return v, ss, vs, cs
 
 
+def _one_hot(labels: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    # A comparison, not F.one_hot: no range check that reads the labels back to the host,
+    # so a training step has no host synchronisation and can be captured in a CUDA graph.
+    return (labels.unsqueeze(1) == torch.arange(n, device=labels.device)).to(dtype)
+
+
 class _DynamicRouting(torch.autograd.Function):
     """Routing with a hand-written backward.
 
@@ -232,12 +238,14 @@ class CapsNet(Classifier):
     # The stages are separate methods so the profiler can time each one.
     def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
         h = mark(F.relu(self.conv1(x), inplace=True), "conv1")  # (B, 256, H1, W1)
-        p = self.primary(h)  # (B, 32*8, G, G)
+        p = self.primary(h)  # (B, 32*8, G, G), NCHW or channels_last
         B = p.shape[0]
-        # channel c*8 + k at (gy, gx) is component k of capsule (c, gy, gx)
-        p = p.view(B, self.primary_caps, self.primary_dim, self.grid, self.grid)
+        # channel c*8 + k at (gy, gx) is component k of capsule (c, gy, gx); unflatten is a
+        # view in either memory layout
+        p = p.unflatten(1, (self.primary_caps, self.primary_dim))
         u = p.permute(0, 1, 3, 4, 2).reshape(B, self.num_primary, self.primary_dim)  # (B, n_in, 8)
-        return mark(squash(u), "primary_caps")
+        # capsules are squashed and routed in float32 even under bf16 autocast (see forward)
+        return mark(squash(u.float()), "primary_caps")
 
     def predictions(self, u: torch.Tensor) -> torch.Tensor:
         B = u.shape[0]
@@ -251,8 +259,12 @@ class CapsNet(Classifier):
         self, x: torch.Tensor, y: torch.Tensor | None = None, keep_coupling: bool = False
     ) -> ModelOutput:
         u = self.primary_capsules(x)
-        u_hat = self.predictions(u)
-        v, c = dynamic_routing(u_hat, self.routing_iters, keep_coupling=keep_coupling)
+        # u_hat and routing run in float32 with autocast off: they are a few MFLOP per image
+        # (memory-bound, no gain from bf16), and agreement logits summed over 1152 inputs
+        # and three iterations would lose too much in bf16.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u_hat = self.predictions(u)
+            v, c = dynamic_routing(u_hat, self.routing_iters, keep_coupling=keep_coupling)
         v = mark(v, "routing")
         lengths = torch.sqrt((v * v).sum(dim=-1) + SQUASH_EPS)  # (B, n_out)
         recon = None
@@ -264,11 +276,11 @@ class CapsNet(Classifier):
         """Reconstruct from the capsule of ``labels`` only (the others are masked to zero)."""
         if self.decoder is None:
             raise RuntimeError("this CapsNet has no decoder (reconstruction=False)")
-        mask = F.one_hot(labels, self.num_classes).to(poses.dtype)  # (B, n_out)
+        mask = _one_hot(labels, self.num_classes, poses.dtype)  # (B, n_out)
         return self.decoder((poses * mask.unsqueeze(-1)).flatten(1))  # (B, H*W)
 
     def margin_loss(self, lengths: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t = F.one_hot(y, self.num_classes).to(lengths.dtype)
+        t = _one_hot(y, self.num_classes, lengths.dtype)
         present = F.relu(self.m_plus - lengths).pow(2)
         absent = F.relu(lengths - self.m_minus).pow(2)
         per_class = t * present + self.lambda_ * (1.0 - t) * absent

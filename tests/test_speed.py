@@ -1,0 +1,154 @@
+"""The speed options: bf16 autocast, channels_last, CUDA-graph steps, the learning curve and
+``capsbench speed``. The CUDA-only ones carry the ``gpu`` marker (tox -e gpu) and fail, not
+skip, without a CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models import _literal_routing
+
+from capsbench.errors import ConfigError
+from capsbench.models import create_model
+from capsbench.models.capsnet import dynamic_routing
+from capsbench.runner import SpeedOptions, TrainConfig, build_step, make_optimizer, train
+from capsbench.speed import run_speed
+
+
+def _cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tier needs a CUDA device")
+    return torch.device("cuda")
+
+
+def test_bf16_autocast_keeps_capsules_and_routing_in_float32():
+    torch.manual_seed(0)
+    model = create_model("capsnet")
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([3, 7])
+    seen = {}
+    model.predictions = (lambda f: lambda u: seen.setdefault("u", u) is not None and f(u))(model.predictions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y)
+        loss = model.loss(out, x, y)
+    assert model.conv1(x).dtype == torch.float32  # outside autocast: float32 again
+    assert seen["u"].dtype == torch.float32 and out.poses.dtype == torch.float32
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():  # close to the float32 forward (bf16 convolutions: ~1e-2 relative)
+        ref = model(x, y).poses
+    assert (out.poses.detach() - ref).norm() / ref.norm() < 5e-2
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = create_model("capsnet")
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out.poses, ref.poses, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.reconstruction, ref.reconstruction, atol=1e-5, rtol=1e-4)
+
+
+def test_learning_curve_and_channels_last_training(tmp_path, data_root):
+    # 256 images at batch 64: an epoch every 4 steps, so 12 steps give 3 curve points
+    cfg = TrainConfig(model="lenet5", profile="smoke", steps=12, batch_size=64, train_limit=256)
+    a = train(cfg, out=tmp_path / "a", data_root=data_root, device="cpu", progress=False, log=lambda m: None,
+              speed=SpeedOptions(channels_last=True, curve=True))
+    curve = [h for h in a.history if "test_acc" in h]
+    assert [h["step"] for h in curve] == [4, 8, 12] and [h["epoch"] for h in curve] == [1, 2, 3]
+    assert all(0.0 <= h["test_acc"] <= 1.0 for h in curve)
+    b = train(cfg, out=tmp_path / "b", data_root=data_root, device="cpu", progress=False, log=lambda m: None)
+    assert not [h for h in b.history if "test_acc" in h]
+    for (k, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-4, rtol=1e-3, msg=k)  # layout does not change the job
+
+
+def test_cuda_only_speed_options_are_refused_on_the_cpu():
+    for opts in (SpeedOptions(cuda_graph=True), SpeedOptions(compile=True)):
+        with pytest.raises(ConfigError, match="CUDA"):
+            opts.check(torch.device("cpu"))
+
+
+def test_speed_bench_on_the_cpu(data_root):
+    rows = run_speed("capsnet", ["fp32", "bf16_cl_graph"], [4], torch.device("cpu"), data_root=data_root,
+                     budget_s=0.05, infer_batch=8, log=lambda m: None)
+    ok, refused = rows
+    assert ok["images_per_s_train"] > 0 and ok["images_per_s_inference"] > 0
+    assert 0 < ok["routing_share"] < 1 and ok["batch_size"] == 4
+    assert "needs a CUDA device" in refused["error"]  # a row with the reason, not a crash
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [1, 3])
+def test_fast_routing_on_cuda_matches_the_literal_procedure(r):
+    dev = _cuda()
+    torch.manual_seed(r)
+    u = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    v_ref, _ = _literal_routing(u, r)
+    g = torch.randn_like(v_ref)
+    (g_ref,) = torch.autograd.grad(v_ref, u, g)
+    uc = u.detach().to(dev).requires_grad_()
+    v, _ = dynamic_routing(uc.permute(0, 2, 1, 3).contiguous(), r)
+    (g_fast,) = torch.autograd.grad(v, uc, g.to(dev))
+    torch.testing.assert_close(v.cpu(), v_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(g_fast.cpu(), g_ref, atol=1e-5, rtol=0)
+    # float32 at the model's real size against float64 on the CPU
+    u32 = torch.randn(8, 10, 1152, 16, device=dev) * 0.05
+    v32, _ = dynamic_routing(u32, 3)
+    v64, _ = dynamic_routing(u32.double().cpu(), 3)
+    assert (v32.double().cpu() - v64).norm() / v64.norm() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_cuda_graph_step_equals_an_eager_step(bf16):
+    dev = _cuda()
+    torch.backends.cudnn.deterministic = True
+    try:
+        torch.manual_seed(0)
+        x = torch.rand(16, 1, 28, 28, device=dev)
+        y = torch.randint(0, 10, (16,), device=dev)
+        models = [create_model("capsnet").to(dev) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        start = {k: v.clone() for k, v in models[0].state_dict().items()}
+        opts = [make_optimizer(m, 1e-3, dev, capturable=c) for m, c in zip(models, (False, True), strict=True)]
+        for g in opts[1].param_groups:
+            g["lr"] = torch.tensor(1e-3, device=dev)
+        eager = build_step(models[0], opts[0], dev, bf16, SpeedOptions(), x, y)
+        graph = build_step(models[1], opts[1], dev, bf16, SpeedOptions(cuda_graph=True), x, y)
+        for k, v in models[1].state_dict().items():  # the capture's warm-up steps were undone
+            assert torch.equal(v, start[k]), k
+        for _ in range(3):
+            xi, yi = torch.rand_like(x), torch.randint(0, 10, (16,), device=dev)
+            le, _ = eager(xi, yi)
+            lg, _ = graph(xi, yi)
+            torch.testing.assert_close(lg, le, atol=1e-4, rtol=1e-3)
+        for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3, msg=k)
+    finally:
+        torch.backends.cudnn.deterministic = False
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_follows_the_eager_job(tmp_path, data_root):
+    _cuda()
+    # quick profile: the rate falls linearly to 0 over the 12 steps, so a graph that missed the
+    # schedule would move the weights about twice as far. 200 images at batch 64: every 4th
+    # step is a short batch of 8, which runs eagerly beside the graph.
+    cfg = TrainConfig(model="capsnet", profile="quick", steps=12, batch_size=64, train_limit=200)
+    kw = dict(data_root=data_root, device="cuda", progress=False, log=lambda m: None)
+    g = train(cfg, out=tmp_path / "g", speed=SpeedOptions(channels_last=True, cuda_graph=True, curve=True), **kw)
+    e = train(cfg, out=tmp_path / "e", **kw)
+    assert g.steps_done == 12 and [h["step"] for h in g.history if "test_acc" in h] == [4, 8, 12]
+    torch.manual_seed(0)
+    w0 = create_model("capsnet").state_dict()
+    we, wg = e.model.state_dict(), g.model.state_dict()
+    moved = sum((we[k].cpu() - w0[k]).norm() ** 2 for k in w0) ** 0.5
+    apart = sum((wg[k] - we[k]).norm() ** 2 for k in w0) ** 0.5
+    assert apart < 0.1 * moved, (apart, moved)
