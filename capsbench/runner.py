@@ -402,7 +402,8 @@ def train(
     """Train one model (or reuse the finished job with the same key) and return it.
 
     The job directory ``<out>/jobs/<job_name>/`` holds ``checkpoint.pt`` (written atomically
-    every epoch and every ``checkpoint_every`` steps; an interrupted job resumes from it) and
+    every ``checkpoint_every`` steps and at the end of an epoch when the last checkpoint is at
+    least ``MIN_SAVE_INTERVAL_S`` old; an interrupted job resumes from it) and
     ``job.json`` (config, status, timings) once finished. ``on_step(step)`` is called after
     every step (progress hooks, tests that interrupt a job). ``speed``: see
     :class:`SpeedOptions`.
@@ -560,7 +561,7 @@ def _train_locked(
         run_acc += (scores.detach().argmax(1) == y).float().mean()
         logged += 1
         if step % sync_every == 0 or step == total_steps:
-            mean_loss = (run_loss / logged).item()  # one host sync per 10 steps
+            mean_loss = (run_loss / logged).item()  # one host sync per sync_every steps
             if not math.isfinite(mean_loss):
                 raise TrainingError(
                     f"{cfg.model}: training loss became {mean_loss} by step {step}; the job "
