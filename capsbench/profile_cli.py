@@ -67,13 +67,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_speed(args: argparse.Namespace) -> int:
+    from capsbench.models import model_info
     from capsbench.runner import resolve_device
-    from capsbench.speed import format_rows, run_speed, write_rows
+    from capsbench.speed import format_rows, parse_variant, run_speed, write_rows
     from capsbench.store import ensure_writable_dir, environment_info
 
+    model_info(args.model)  # an unknown name stops here, listing the known ones
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        parse_variant(v)
     dev = resolve_device(args.device)
     out = ensure_writable_dir(args.out) / f"speed-{dev.type}"
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     batch_sizes = args.batch_sizes or ([128, 512, 1024] if dev.type == "cuda" else [32])
 
     def log(msg: str) -> None:

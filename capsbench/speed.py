@@ -51,7 +51,7 @@ CUDA_ONLY = {"bf16_cl_graph", "bf16_cl_compile"}
 MAX_SHIFT = 2  # the paper's training augmentation
 
 
-def _parse_variant(name: str) -> dict[str, bool]:
+def parse_variant(name: str) -> dict[str, bool]:
     if name not in VARIANTS:
         raise ConfigError(f"unknown speed variant {name!r}; use one of {', '.join(VARIANTS)}")
     return {"bf16": name != "fp32", "channels_last": "_cl" in name,
@@ -118,7 +118,7 @@ def measure(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """One (variant, batch size): the row of numbers described in the module docstring."""
-    opts = _parse_variant(variant)
+    opts = parse_variant(variant)
     if device.type != "cuda" and (variant in CUDA_ONLY or opts["bf16"] and device.type != "cpu"):
         raise ConfigError(f"variant {variant} needs a CUDA device")
     torch.manual_seed(0)
@@ -197,7 +197,7 @@ def run_speed(
     from capsbench.data import ensure_dataset
 
     for v in variants:
-        _parse_variant(v)
+        parse_variant(v)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     train = ensure_dataset("mnist", root=data_root, split="train")

@@ -338,6 +338,11 @@ def prior_run(tmp_path: Path) -> Path:
         pytest.param(["profile", "--models", "lenet", "--device", "cpu"], ["'lenet'", "known models:", "lenet5"],
                      id="profile_models"),
         pytest.param(["list", "model"], ["'model'", "'models'", "'suites'"], id="list_what"),
+        pytest.param(["speed", "--model", "capsnett", "--device", "cpu"], ["'capsnett'", "known models:", "capsnet_r1"],
+                     id="speed_model"),
+        pytest.param(["speed", "--variants", "fp32,fp16", "--device", "cpu"],
+                     ["'fp16'", "fp32, bf16, bf16_cl, bf16_cl_graph, bf16_cl_compile"], id="speed_variant"),
+        pytest.param([*TRAIN, "--cuda-graph", "--device", "cpu"], ["--cuda-graph", "CUDA device"], id="train_cuda_graph"),
         pytest.param(["report", "runs/rotation-quick", "--metrics", "accuracy,acuracy"],
                      ["'acuracy'", "--metrics", "valid metrics: accuracy, confidence, unchanged"], id="report_metric"),
         # 6. invalid numbers: the message names the option and what it must be
