@@ -57,6 +57,7 @@ class RunContext:
     threads: int | None = None
     progress: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    speed: dict[str, bool] = field(default_factory=dict)  # SpeedOptions as plain data
 
 
 def job_meta(result: Any) -> dict[str, Any]:
@@ -101,11 +102,11 @@ def _test_inputs(ctx: RunContext, dataset: str) -> tuple[torch.Tensor, torch.Ten
 
 def train_job(ctx: RunContext, cfg: Any, log: Callable[[str], None] = print) -> tuple[Any | None, dict | str]:
     """Train (or reuse) one job; returns (TrainResult, meta) or (None, error message)."""
-    from capsbench.runner import train_with_retry
+    from capsbench.runner import SpeedOptions, train_with_retry
 
     try:
         result = train_with_retry(cfg, out=ctx.out, data_root=ctx.data_root, device=ctx.device,
-                                  progress=ctx.progress, log=log)
+                                  progress=ctx.progress, log=log, speed=SpeedOptions(**ctx.speed))
     except CapsbenchError as e:  # NaN loss, out of memory at every size, bad data
         return None, str(e)
     return result, job_meta(result)

@@ -7,6 +7,7 @@ import sys
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from capsbench.runner import SpeedOptions
     from capsbench.suite_runner import run_suite
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
@@ -25,6 +26,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         cpus_per_task=args.cpus_per_task,
         deterministic=args.deterministic,
+        amp=args.amp,
+        speed=SpeedOptions(channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile),
     )
     if not args.no_report:
         try:
@@ -55,6 +58,11 @@ def add_commands(sub, add_common) -> None:
                    help="CPUs (and torch threads) per Ray task (default 1)")
     p.add_argument("--deterministic", action="store_true",
                    help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")
+    p.add_argument("--amp", choices=["bf16"], default=None, help="train under bf16 autocast (CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs (faster on GPUs)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each training step as one CUDA graph and replay it (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (CUDA only)")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--no-progress", action="store_true")
     add_common(p)

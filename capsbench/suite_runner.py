@@ -38,6 +38,7 @@ from capsbench.models import list_models
 from capsbench.profiles import get_profile
 from capsbench.runner import (
     PROTOCOLS,
+    SpeedOptions,
     TrainConfig,
     TrainResult,
     determinism_flags,
@@ -91,12 +92,17 @@ def run_suite(
     cpus_per_task: int = 1,
     deterministic: bool = False,
     lr: float | Mapping[str, float] | None = None,
+    amp: str | None = None,
+    speed: SpeedOptions | None = None,
 ) -> Path:
     """Run a suite end to end and return its run directory (see the module docstring).
 
     ``executor``: ``local`` (this process) or ``ray`` (see :mod:`capsbench.executors`).
     ``deterministic``: reproducible kernels (:func:`capsbench.runner.set_deterministic`).
     ``lr``: learning rate for every model, or per model name (others keep the profile's).
+    ``amp``: ``"bf16"`` trains under bf16 autocast (CUDA; part of each job's key).
+    ``speed``: how training runs on the device (:class:`capsbench.runner.SpeedOptions`; the
+    learning curve option is ignored here).
     """
     suite = get_suite(suite_name)
     prof = get_profile(profile)
@@ -114,9 +120,12 @@ def run_suite(
     if bad_lr:
         raise ConfigError(f"learning rates must be > 0, got {bad_lr}")
     dev = resolve_device(device)
+    speed = (speed or SpeedOptions()).check(dev)
+    if amp == "bf16" and dev.type != "cuda":
+        raise ConfigError("--amp bf16 needs a CUDA device; drop it on the CPU")
     for model_name in models:  # every number checked before anything is created
         TrainConfig(model=model_name, dataset=suite.dataset, protocol=suite.protocol, profile=prof.name,
-                    match_accuracy=match_accuracy).validate()
+                    match_accuracy=match_accuracy, amp=amp).validate()
     # Data next (fetching it when online), so a missing or damaged file stops before any work;
     # a real affNIST file present under the root must be readable too.
     test = ensure_dataset(suite.dataset, root=data_root, split="test")
@@ -132,14 +141,17 @@ def run_suite(
             log(f"removed {len(removed)} partial file(s) left by an interrupted run in {run_dir}")
         try:
             return _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, match_accuracy,
-                               progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs)
+                               progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs,
+                               amp, speed)
         finally:
             if deterministic and not was_deterministic:
                 set_deterministic(False)
 
 
 def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, match_accuracy,
-                progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs) -> Path:
+                progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs,
+                amp=None, speed=None) -> Path:
+    speed = speed or SpeedOptions()
     sums = data_checksums(suite.dataset, root=data_root)
     data_tag = stable_hash(sums, 16)
     n_eval = min(prof.eval_images or test.images.shape[0], test.images.shape[0])
@@ -168,6 +180,8 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
                 "executor": executor,
                 "deterministic": deterministic,
                 "determinism_flags": flags,
+                "amp": amp,
+                "speed_options": speed,
                 "environment": env,
                 "data_root": str(resolve_data_root(data_root)),
                 "data_checksums": sums,
@@ -185,6 +199,7 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
                 profile=prof.name,
                 seed=seed,
                 match_accuracy=match_accuracy,
+                amp=amp,
                 **({"lr": float(lrs[model_name])} if model_name in lrs else {}),
             ).validate()
             base = {
@@ -212,6 +227,7 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
         suite=suite.name, out=str(out), run_dir=str(run_dir),
         data_root=str(resolve_data_root(data_root)), device=str(dev), n_eval=n_eval,
         deterministic=deterministic, progress=progress,
+        speed={**asdict(speed), "curve": False},
     )
     runner = make_executor(executor, log=log, address=ray_address, cpus_per_task=cpus_per_task) \
         if executor == "ray" else make_executor(executor, log=log)

@@ -152,3 +152,19 @@ def test_cuda_graph_training_follows_the_eager_job(tmp_path, data_root):
     moved = sum((we[k].cpu() - w0[k]).norm() ** 2 for k in w0) ** 0.5
     apart = sum((wg[k] - we[k]).norm() ** 2 for k in w0) ** 0.5
     assert apart < 0.1 * moved, (apart, moved)
+
+
+def test_a_suite_runs_with_speed_options_and_records_them(tmp_path, data_root):
+    import json
+
+    from capsbench.suite_runner import run_suite
+
+    run_dir = run_suite("part_shuffle", models=["lenet5"], profile="smoke", device="cpu", out=tmp_path,
+                        data_root=data_root, progress=False, log=lambda m: None,
+                        speed=SpeedOptions(channels_last=True))
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["speed_options"]["channels_last"] and meta["amp"] is None and meta["status"] == "finished"
+    with pytest.raises(ConfigError, match="CUDA"):
+        run_suite("part_shuffle", models=["lenet5"], profile="smoke", device="cpu", out=tmp_path / "b",
+                  data_root=data_root, progress=False, log=lambda m: None, amp="bf16")
+    assert not (tmp_path / "b").exists()  # refused before anything was created
