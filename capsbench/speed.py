@@ -6,8 +6,11 @@ training run gets on one device, with the speed options a GPU user would turn on
 * The whole MNIST training set sits on the device as uint8 (47 MB); each step takes a slice of
   a per-epoch permutation, converts it and applies the paper's augmentation (random shifts of
   up to 2 px, drawn on the device) in batched tensor ops: no DataLoader, no per-sample work.
-* The step is the runner's: forward, ``model.loss`` (margin + reconstruction for CapsNet),
-  backward and Adam (fused on CUDA).
+* The step is the runner's (:func:`capsbench.runner.build_step`): forward, ``model.loss``
+  (margin + reconstruction for CapsNet), backward and Adam (fused on CUDA). The runner itself
+  draws the shifts from seeded CPU generators (the same on every device) and sends them up in
+  one pinned, asynchronous copy per step; ``capsbench train --curve`` reports what that path
+  achieves over a whole run.
 
 Variants (``--variants``, comma-separated):
 
@@ -24,7 +27,9 @@ Rows per (variant, batch size): ``images_per_s_train`` (batch / median step time
 batch ``--infer-batch``), ``epoch_s`` (a timed pass over all 60,000 images at that batch,
 augmentation and permutation included; only with ``--epoch``) and, for capsule models,
 ``routing_share``: the time of u_hat + dynamic routing (forward and backward, float32, at the
-same batch) over the time of the whole step.
+same batch) over the time of the whole step. Routing is timed eagerly, so for the graph
+variants, whose step has no launch overhead, the share is overstated (it can exceed 1 at
+small batches); read it from the eager variants.
 
 Example:
     capsbench speed --device cuda --variants fp32,bf16_cl,bf16_cl_graph --batch-sizes 128,512
