@@ -78,8 +78,11 @@ VERDICT_RULE = (
     "Verdict rule, checked in this order: 'supported' if the 95% CI of the difference lies "
     "entirely on the claimed side of 0 and the exact McNemar p < 0.05; 'not supported' if the CI "
     "lies entirely on the opposite side of 0, or entirely within +-1 percentage point (no "
-    "difference that matters); 'inconclusive' otherwise. A claim whose suite, models or "
-    "predictions are missing is 'not evaluated', with the reason."
+    "difference that matters); 'inconclusive' otherwise. The affNIST claim is about models at "
+    "a matched clean accuracy: unless both models reached the --match-accuracy target in every "
+    "seed, its verdict is 'inconclusive' whatever the difference (the difference then mixes "
+    "generalisation with clean accuracy). A claim whose suite, models or predictions are missing "
+    "is 'not evaluated', with the reason."
 )
 
 
@@ -562,12 +565,19 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
     v.notes.insert(0, f"{len(seeds)} seed pair(s) x {len(a_units) // max(len(seeds), 1)} cell(s), "
                       f"{v.pairs} paired images.")
     if claim.name == "affNIST":
-        v.notes.extend(_affnist_notes(run, claim))
+        notes, matched = _affnist_notes(run, claim)
+        v.notes.extend(notes)
+        if not matched and v.verdict in ("supported", "not supported"):
+            v.notes.append(f"Verdict 'inconclusive' instead of '{v.verdict}': the models were not compared "
+                           "at a matched clean accuracy.")
+            v.verdict = "inconclusive"
     return v
 
 
-def _affnist_notes(run: Run, claim: Claim) -> list[str]:
+def _affnist_notes(run: Run, claim: Claim) -> tuple[list[str], bool]:
+    """Notes on the affNIST comparison and whether both models were at the matched accuracy."""
     notes = []
+    matched = target_set = run.meta.get("match_accuracy") is not None
     target = run.meta.get("match_accuracy")
     df = run.rows
     if target is None:
@@ -585,9 +595,11 @@ def _affnist_notes(run: Run, claim: Claim) -> list[str]:
                 notes.append(f"{model} reached the matched accuracy {target:g} in every seed "
                              f"(steps {', '.join(str(stops[s]) for s in sorted(stops))}).")
             elif stops:
+                matched = False
                 notes.append(f"{model} did NOT reach the matched accuracy {target:g} in seed(s) "
                              f"{', '.join(str(s) for s in sorted(stops) if not stops[s])} (trained to the budget).")
             else:
+                matched = False
                 notes.append(f"{model}: no record of whether it reached the matched accuracy {target:g}.")
     clean = _clean_accuracy(run)
     if claim.a in clean and claim.b in clean:
@@ -596,7 +608,7 @@ def _affnist_notes(run: Run, claim: Claim) -> list[str]:
     if "affnist_synth" in ed:
         notes.append("Evaluated on the generated affNIST-style set (affnist_synth), not the real affNIST; "
                      "numbers are not directly comparable with the paper's.")
-    return notes
+    return notes, matched and target_set
 
 
 # --------------------------------------------------------------------------- formatting

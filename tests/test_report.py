@@ -322,6 +322,24 @@ def test_verdicts_from_the_fixture_runs(built):
     assert "cnn_maxpool did NOT reach the matched accuracy 0.99 in seed(s) 1" in notes
     assert "capsnet reached the matched accuracy 0.99 in every seed" in notes
     assert "affnist_synth" in notes
+    # capsnet is 10 points ahead, but not at matched clean accuracy: no verdict either way
+    assert v.loc["affNIST", "verdict"] == "inconclusive" and v.loc["affNIST", "difference"] > 0.05
+    assert "instead of 'supported': the models were not compared at a matched clean accuracy" in notes
+
+
+def test_affnist_verdict_at_matched_accuracy(tmp_path, data_root):
+    rng = np.random.default_rng(5)
+    wrong = (LABELS + 1) % 10
+    af = {(m, s, c): np.where(_outcome(rng, 0.99 if c == "expanded_mnist" else p), LABELS, wrong)
+          for m, p in (("capsnet", 0.8), ("cnn_maxpool", 0.6)) for s in range(2) for c in AF_CELLS}
+    stops = {(m, s): {"stopped_early_at": 100 + s} for m in ("capsnet", "cnn_maxpool") for s in range(2)}
+    run_dir = _write_run(tmp_path, "affnist", AF_CELLS, af, models=["capsnet", "cnn_maxpool"], data_root=data_root,
+                         eval_data={"affnist": "affnist_synth", "expanded_mnist": "expanded_mnist_test"},
+                         match_accuracy=0.99, jobs_extra=stops)
+    report.write_report([run_dir], tmp_path / "report")
+    v = pd.read_csv(tmp_path / "report" / "tables" / "verdicts.csv", keep_default_na=False).set_index("claim")
+    assert v.loc["affNIST", "verdict"] == "supported", v.loc["affNIST", "notes"]
+    assert "instead of" not in v.loc["affNIST", "notes"]
 
 
 def test_verdict_rule_on_constructed_pairs():
