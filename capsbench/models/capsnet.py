@@ -259,9 +259,10 @@ class CapsNet(Classifier):
         self, x: torch.Tensor, y: torch.Tensor | None = None, keep_coupling: bool = False
     ) -> ModelOutput:
         u = self.primary_capsules(x)
-        # u_hat and routing run in float32 with autocast off: they are a few MFLOP per image
-        # (memory-bound, no gain from bf16), and agreement logits summed over 1152 inputs
-        # and three iterations would lose too much in bf16.
+        # u_hat and routing run in float32 with autocast off: they are a few MFLOP per image,
+        # and agreements summed over 1152 inputs for three iterations are where bf16's 8-bit
+        # mantissa would hurt. On a GPU this float32 tensor traffic is then the largest part of
+        # the step (reports/gpu-h100): not writing u_hat at all is the fix, not bf16.
         with torch.autocast(device_type=x.device.type, enabled=False):
             u_hat = self.predictions(u)
             v, c = dynamic_routing(u_hat, self.routing_iters, keep_coupling=keep_coupling)
