@@ -40,5 +40,5 @@ PY
 cat $OUT/paper_curve.txt 2>/dev/null | tail -60
 
 el "4. real CUDA out-of-memory retry test"
-timeout ${T_OOM:-50} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_resilience.py 2>&1 | tail -3
+timeout ${T_OOM:-120} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_resilience.py 2>&1 | tail -3
 el done
