@@ -51,6 +51,23 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _add_speed_args(p: argparse.ArgumentParser) -> None:
+    """The flags that choose how training runs on a GPU (``capsbench train`` and ``run``)."""
+    p.add_argument("--amp", choices=["bf16"], default=None, help="train under bf16 autocast (CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs (faster on GPUs)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step as one CUDA graph and replay it (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+
+
+def _speed_options(args: argparse.Namespace, curve: bool = False):
+    """The :class:`~capsbench.runner.SpeedOptions` of the flags :func:`_add_speed_args` adds."""
+    from capsbench.runner import SpeedOptions
+
+    return SpeedOptions(channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile,
+                        curve=curve)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="data root (else $CAPSBENCH_DATA, else ./datasets)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N")
@@ -136,7 +153,7 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from capsbench.data import resolve_data_root
     from capsbench.runner import (
-        SpeedOptions,
+        check_device_options,
         evaluate_clean,
         resolve_device,
         set_deterministic,
@@ -148,8 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     out = ensure_writable_dir(args.out)
     dev = resolve_device(args.device)
-    speed = SpeedOptions(channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile,
-                         curve=args.curve).check(dev)
+    speed = check_device_options(dev, cfg.amp, _speed_options(args, curve=args.curve))
     flags = set_deterministic(args.deterministic)
     result = train_with_retry(cfg, out=out, data_root=args.data_root, device=dev, progress=not args.no_progress,
                               speed=speed)
@@ -357,11 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--batch-size", type=_positive_int, default=None)
     pt.add_argument("--lr", type=_positive_float, default=None)
     pt.add_argument("--seed", type=_nonneg_int, default=0)
-    pt.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast (CUDA only)")
-    pt.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs (faster on GPUs)")
-    pt.add_argument("--cuda-graph", action="store_true",
-                    help="capture the whole training step as one CUDA graph and replay it (CUDA only)")
-    pt.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    _add_speed_args(pt)
     pt.add_argument("--curve", action="store_true",
                     help="evaluate the test set after every epoch and keep the learning curve in job.json")
     pt.add_argument("--deterministic", action="store_true",

@@ -306,6 +306,13 @@ class SpeedOptions:
         return self
 
 
+def check_device_options(dev: torch.device, amp: str | None, speed: SpeedOptions | None = None) -> SpeedOptions:
+    """Refuse options the device cannot honour (before any work); returns the speed options."""
+    if amp == "bf16" and dev.type != "cuda":
+        raise ConfigError("--amp bf16 needs a CUDA device; drop it on the CPU")
+    return (speed or SpeedOptions()).check(dev)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -351,7 +358,7 @@ def build_step(
 
     if not speed.cuda_graph:
         return eager
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     saved_params = [p.detach().clone() for p in params]
     saved_state = {id(t): t.clone() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
     static_x, static_y = x0.clone(), y0.clone()
@@ -410,9 +417,7 @@ def train(
     """
     cfg = cfg.validate()
     dev = resolve_device(device)
-    if cfg.amp == "bf16" and dev.type != "cuda":
-        raise ConfigError("--amp bf16 needs a CUDA device; drop it on the CPU")
-    speed = (speed or SpeedOptions()).check(dev)
+    speed = check_device_options(dev, cfg.amp, speed)
     ensure_dataset(cfg.dataset, root=data_root, split="train")  # before the job folder exists
     job_dir = Path(out) / "jobs" / cfg.job_name
     # One trainer per job: a second process that needs it (another suite, a Ray task) waits

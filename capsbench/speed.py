@@ -49,7 +49,7 @@ import torch
 from capsbench.errors import ConfigError
 from capsbench.models import create_model
 from capsbench.profiler import _sync, time_fn
-from capsbench.runner import SpeedOptions, build_step, make_optimizer
+from capsbench.runner import SpeedOptions, build_step, make_optimizer, to_float
 
 VARIANTS = ("fp32", "bf16", "bf16_cl", "bf16_cl_graph", "bf16_cl_compile")
 CUDA_ONLY = {"bf16_cl_graph", "bf16_cl_compile"}
@@ -84,7 +84,7 @@ class ResidentData:
             self.pos = 0
         idx = self.perm[self.pos : self.pos + bs]
         self.pos += bs
-        x = self.images[idx].unsqueeze(1).float().div_(255.0)
+        x = to_float(self.images[idx])
         d = torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (bs, 2), device=self.device, generator=self.gen)
         x = _translate_into(x, x.shape[2], x.shape[3], d[:, 0], d[:, 1])
         if channels_last:
@@ -124,7 +124,7 @@ def measure(
 ) -> dict[str, Any]:
     """One (variant, batch size): the row of numbers described in the module docstring."""
     opts = parse_variant(variant)
-    if device.type != "cuda" and (variant in CUDA_ONLY or opts["bf16"] and device.type != "cpu"):
+    if device.type != "cuda" and variant in CUDA_ONLY:
         raise ConfigError(f"variant {variant} needs a CUDA device")
     torch.manual_seed(0)
     model = create_model(model_name).to(device)

@@ -7,7 +7,7 @@ import sys
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from capsbench.runner import SpeedOptions
+    from capsbench.cli import _speed_options
     from capsbench.suite_runner import run_suite
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
@@ -27,7 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus_per_task=args.cpus_per_task,
         deterministic=args.deterministic,
         amp=args.amp,
-        speed=SpeedOptions(channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile),
+        speed=_speed_options(args),
     )
     if not args.no_report:
         try:
@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub, add_common) -> None:
-    from capsbench.cli import _nonneg_int, _positive_float, _positive_int  # noqa: F401
+    from capsbench.cli import _add_speed_args, _nonneg_int, _positive_float, _positive_int  # noqa: F401
 
     p = sub.add_parser("run", help="run a robustness suite: train what it needs, evaluate every cell")
     p.add_argument("--suite", required=True, help="suite name (capsbench list suites)")
@@ -58,11 +58,7 @@ def add_commands(sub, add_common) -> None:
                    help="CPUs (and torch threads) per Ray task (default 1)")
     p.add_argument("--deterministic", action="store_true",
                    help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")
-    p.add_argument("--amp", choices=["bf16"], default=None, help="train under bf16 autocast (CUDA only)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs (faster on GPUs)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="capture each training step as one CUDA graph and replay it (CUDA only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model (CUDA only)")
+    _add_speed_args(p)
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--no-progress", action="store_true")
     add_common(p)

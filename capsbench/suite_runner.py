@@ -41,6 +41,7 @@ from capsbench.runner import (
     SpeedOptions,
     TrainConfig,
     TrainResult,
+    check_device_options,
     determinism_flags,
     predict,
     resolve_device,
@@ -120,9 +121,7 @@ def run_suite(
     if bad_lr:
         raise ConfigError(f"learning rates must be > 0, got {bad_lr}")
     dev = resolve_device(device)
-    speed = (speed or SpeedOptions()).check(dev)
-    if amp == "bf16" and dev.type != "cuda":
-        raise ConfigError("--amp bf16 needs a CUDA device; drop it on the CPU")
+    speed = check_device_options(dev, amp, speed)
     for model_name in models:  # every number checked before anything is created
         TrainConfig(model=model_name, dataset=suite.dataset, protocol=suite.protocol, profile=prof.name,
                     match_accuracy=match_accuracy, amp=amp).validate()
@@ -150,8 +149,7 @@ def run_suite(
 
 def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, match_accuracy,
                 progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs,
-                amp=None, speed=None) -> Path:
-    speed = speed or SpeedOptions()
+                amp, speed) -> Path:
     sums = data_checksums(suite.dataset, root=data_root)
     data_tag = stable_hash(sums, 16)
     n_eval = min(prof.eval_images or test.images.shape[0], test.images.shape[0])
