@@ -84,7 +84,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     rows = run_speed(args.model, variants, batch_sizes, dev, data_root=args.data_root, budget_s=args.budget,
-                     infer_batch=args.infer_batch, epoch=args.epoch, deadline_s=args.deadline, log=log)
+                     infer_batch=args.infer_batch, epoch=args.epoch, deadline_s=args.deadline, log=log,
+                     routing=args.routing)
     write_rows(rows, out, {"command": "capsbench " + " ".join(sys.argv[1:]),
                            "environment": environment_info(dev)})
     print(format_rows(rows))
@@ -141,5 +142,8 @@ def add_commands(sub, add_common) -> None:
     s.add_argument("--epoch", action="store_true", help="also time one full pass over the 60,000 training images")
     s.add_argument("--deadline", type=_positive_float, default=None,
                    help="skip the configurations that would start after this many seconds")
+    s.add_argument("--routing", choices=("auto", "torch", "triton"), default="auto",
+                   help="CapsNet routing: auto (fused Triton kernels on CUDA, else torch), torch (u_hat + "
+                        "batched matmuls) or triton")
     add_common(s)
     s.set_defaults(func=cmd_speed)

@@ -22,6 +22,9 @@ Variants (``--variants``, comma-separated):
                     no host synchronisation inside the step (CUDA only).
 ``bf16_cl_compile`` bf16_cl with ``torch.compile(model)`` (CUDA only; compiling takes a while).
 
+``--routing`` picks CapsNet's routing (``auto``: the fused Triton kernels on CUDA, u_hat and
+batched matmuls elsewhere; ``torch``; ``triton``); the ``routing`` column says which ran.
+
 Rows per (variant, batch size): ``images_per_s_train`` (batch / median step time),
 ``time_train_step_s``, ``images_per_s_inference`` (eval mode, same precision and layout,
 batch ``--infer-batch``), ``epoch_s`` (a timed pass over all 60,000 images at that batch,
@@ -93,10 +96,14 @@ class ResidentData:
 
 
 def routing_time(model, bs: int, device: torch.device, budget_s: float) -> float | None:
-    """Median seconds of u_hat + routing, forward and backward, float32, at batch ``bs``."""
-    from capsbench.models.capsnet import dynamic_routing, squash
+    """Median seconds of u_hat + routing, forward and backward, float32, at batch ``bs``.
 
-    if not hasattr(model, "predictions"):
+    Timed through ``model.route``, so it measures the routing the model's step runs (the fused
+    kernels or u_hat + batched matmuls, see ``CapsNet.routing_kernel``).
+    """
+    from capsbench.models.capsnet import squash
+
+    if not hasattr(model, "route"):
         return None
     g = torch.Generator(device=device).manual_seed(3)
     u = squash(torch.randn(bs, model.num_primary, model.primary_dim, device=device, generator=g))
@@ -105,7 +112,7 @@ def routing_time(model, bs: int, device: torch.device, budget_s: float) -> float
 
     def fn():
         u.grad = None
-        v, _ = dynamic_routing(model.predictions(u), model.routing_iters)
+        v, _ = model.route(u)
         (v * w).sum().backward()
 
     return time_fn(fn, device, repeats=10, warmup=2, budget_s=budget_s).median
@@ -121,6 +128,7 @@ def measure(
     infer_batch: int = 1024,
     epoch: bool = False,
     log: Callable[[str], None] = print,
+    routing: str = "auto",
 ) -> dict[str, Any]:
     """One (variant, batch size): the row of numbers described in the module docstring."""
     opts = parse_variant(variant)
@@ -128,12 +136,17 @@ def measure(
         raise ConfigError(f"variant {variant} needs a CUDA device")
     torch.manual_seed(0)
     model = create_model(model_name).to(device)
+    if hasattr(model, "routing_kernel"):
+        model.routing_kernel = routing
     if opts["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     opt = make_optimizer(model, 1e-3, device, capturable=opts["graph"])
     x0, y0 = data.batch(batch_size, opts["channels_last"])
     row: dict[str, Any] = {"model": model_name, "variant": variant, "batch_size": batch_size}
+    if hasattr(model, "uses_fused_routing"):
+        u = torch.zeros(1, 1, 1, device=device)
+        row["routing"] = "triton" if model.uses_fused_routing(u) else "torch"
     t0 = time.perf_counter()
     # the runner's own step: graph capture happens here, compilation in the first call
     step = build_step(model, opt, device, opts["bf16"],
@@ -193,6 +206,7 @@ def run_speed(
     epoch: bool = False,
     deadline_s: float | None = None,
     log: Callable[[str], None] = print,
+    routing: str = "auto",
 ) -> list[dict[str, Any]]:
     """Every (variant, batch size); a failing one gives a row with its error and the rest go on.
 
@@ -216,7 +230,8 @@ def run_speed(
                              "error": "skipped: --deadline reached"})
                 continue
             try:
-                rows.append(measure(model_name, variant, bs, data, device, budget_s, infer_batch, epoch, log))
+                rows.append(measure(model_name, variant, bs, data, device, budget_s, infer_batch, epoch, log,
+                                    routing=routing))
                 if device.type == "cuda":  # the last configuration's graph and buffers are gone now
                     torch.cuda.empty_cache()
             except Exception as e:  # one variant failing (a capture, a compiler) must not lose the rest
@@ -229,7 +244,7 @@ def run_speed(
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
-    cols = ["variant", "batch_size", "images_per_s_train", "epoch_s", "images_per_s_inference",
+    cols = ["variant", "routing", "batch_size", "images_per_s_train", "epoch_s", "images_per_s_inference",
             "routing_share", "build_s"]
     lines = [" | ".join(cols)]
     for r in rows:

@@ -224,11 +224,13 @@ def test_out_of_memory_retries_at_half_the_batch_size(tmp_path, data_root):
 
 
 @pytest.mark.gpu
-def test_real_cuda_out_of_memory_is_retried(tmp_path, data_root):
+def test_real_cuda_out_of_memory_is_retried(tmp_path, data_root, monkeypatch):
     if not torch.cuda.is_available():
         pytest.fail("the gpu tier needs a CUDA device")
     free, _ = torch.cuda.mem_get_info()
-    # capsnet's u_hat alone is 737 kB per image: a batch that cannot fit, trained for 2 steps
+    # capsnet's u_hat alone is 737 kB per image (written by the plain routing, which this test
+    # selects): a batch that cannot fit, trained for 2 steps
+    monkeypatch.setenv("CAPSBENCH_ROUTING", "torch")
     bs = int(2 * free / 737_280) + 1
     cfg = TrainConfig(model="capsnet", profile="smoke", steps=2, batch_size=bs, train_limit=60_000)
     res = train_with_retry(cfg, out=tmp_path, data_root=data_root, device="cuda", progress=False)

@@ -39,14 +39,22 @@ Choices the paper leaves open, and what we do:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsbench.models import fused_routing as fused_routing_module
 from capsbench.models.base import Classifier, ModelOutput, mark
 from capsbench.models.registry import register_model
 
 SQUASH_EPS = 1e-7
+# How DigitCaps routes: "torch" writes u_hat and routes with batched matmuls (any device);
+# "triton" never writes u_hat (fused kernels, models/fused_routing.py; CUDA only); "auto" is
+# "triton" on CUDA when Triton is installed and "torch" otherwise. The environment variable
+# CAPSBENCH_ROUTING overrides "auto" (to compare the two on one machine).
+ROUTING_KERNELS = ("auto", "torch", "triton")
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
@@ -178,6 +186,8 @@ class CapsNet(Classifier):
         reconstruction: attach the decoder and add its loss (weight 0.0005).
         uniform_coupling: fix every coupling coefficient to 1/num_classes (no routing).
         recon_weight: scale of the reconstruction loss.
+        routing_kernel: "auto" (fused Triton kernels on CUDA, batched matmuls elsewhere),
+            "torch" or "triton"; see ROUTING_KERNELS. Same results to float32 rounding.
 
     Example:
         >>> m = CapsNet()
@@ -204,10 +214,14 @@ class CapsNet(Classifier):
         m_plus: float = 0.9,
         m_minus: float = 0.1,
         lambda_: float = 0.5,
+        routing_kernel: str = "auto",
     ) -> None:
         super().__init__(num_classes=num_classes, input_size=input_size)
         if routing_iters < 1:
             raise ValueError(f"routing_iters must be >= 1, got {routing_iters}")
+        if routing_kernel not in ROUTING_KERNELS:
+            raise ValueError(f"routing_kernel must be one of {', '.join(ROUTING_KERNELS)}, got {routing_kernel!r}")
+        self.routing_kernel = routing_kernel
         self.routing_iters = 1 if uniform_coupling else routing_iters
         self.uniform_coupling = uniform_coupling
         self.recon_weight = recon_weight
@@ -245,7 +259,7 @@ class CapsNet(Classifier):
         p = p.unflatten(1, (self.primary_caps, self.primary_dim))
         u = p.permute(0, 1, 3, 4, 2).reshape(B, self.num_primary, self.primary_dim)  # (B, n_in, 8)
         # capsules are squashed and routed in float32 even under bf16 autocast (see forward)
-        return mark(squash(u.float()), "primary_caps")
+        return mark(squash(u.to(self.W.dtype)), "primary_caps")
 
     def predictions(self, u: torch.Tensor) -> torch.Tensor:
         B = u.shape[0]
@@ -254,6 +268,32 @@ class CapsNet(Classifier):
         u_hat = u_hat.view(self.num_primary, B, self.num_classes, self.digit_dim)
         # routing wants (B, n_out, n_in, 16) contiguous: one copy here saves many later
         return mark(u_hat.permute(1, 2, 0, 3).contiguous(), "u_hat")
+
+    def uses_fused_routing(self, u: torch.Tensor) -> bool:
+        """Whether :meth:`route` takes the fused kernels for capsules ``u`` (see ROUTING_KERNELS)."""
+        kernel = self.routing_kernel
+        if kernel == "auto":
+            kernel = os.environ.get("CAPSBENCH_ROUTING", "auto")
+            if kernel not in ROUTING_KERNELS:
+                raise ValueError(f"CAPSBENCH_ROUTING={kernel!r}: expected one of {', '.join(ROUTING_KERNELS)}")
+        if kernel == "torch":
+            return False
+        if kernel == "triton":
+            if not fused_routing_module.available(u):
+                raise RuntimeError(
+                    f"routing_kernel 'triton' needs Triton and a CUDA tensor (got a {u.device.type} tensor"
+                    f"{'' if fused_routing_module.triton is not None else ', Triton not installed'}); "
+                    "use routing_kernel='auto' or 'torch'")
+            return True
+        return u.is_cuda and u.dtype in (torch.float32, torch.float64) and fused_routing_module.available(u)
+
+    def route(self, u: torch.Tensor, keep_coupling: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """u_hat and dynamic routing of primary capsules u (B, n_in, 8): v and, if asked, c."""
+        if self.uses_fused_routing(u):
+            u = mark(u, "u_hat")  # no u_hat is written: the stage is empty, routing holds the time
+            v, c = fused_routing_module.fused_routing(u, self.W, self.num_classes, self.routing_iters)
+            return v, (c.transpose(1, 2) if keep_coupling else None)
+        return dynamic_routing(self.predictions(u), self.routing_iters, keep_coupling=keep_coupling)
 
     def forward(
         self, x: torch.Tensor, y: torch.Tensor | None = None, keep_coupling: bool = False
@@ -264,8 +304,7 @@ class CapsNet(Classifier):
         # mantissa would hurt. On a GPU this float32 tensor traffic is then the largest part of
         # the step (reports/gpu-h100): not writing u_hat at all is the fix, not bf16.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            u_hat = self.predictions(u)
-            v, c = dynamic_routing(u_hat, self.routing_iters, keep_coupling=keep_coupling)
+            v, c = self.route(u, keep_coupling=keep_coupling)
         v = mark(v, "routing")
         lengths = torch.sqrt((v * v).sum(dim=-1) + SQUASH_EPS)  # (B, n_out)
         recon = None

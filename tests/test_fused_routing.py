@@ -1,0 +1,157 @@
+"""The fused routing kernels (capsbench/models/fused_routing.py) against the literal Procedure 1.
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, which must be
+set before Triton compiles anything, hence a subprocess); the CUDA versions of these checks
+carry the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsbench.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in the interpreter: fused routing vs the literal procedure on odd shapes (no dimension
+# a power of two, several tiles with ragged edges), then a small CapsNet with either kernel.
+_INTERPRETER_CHECK = r"""
+import json, sys, torch
+sys.path.insert(0, "tests")
+from test_models import _literal_routing
+from capsbench.models import create_model
+from capsbench.models.fused_routing import fused_routing
+
+def err(a, b):
+    return (a - b).abs().max().item()
+
+out = {}
+torch.manual_seed(0)
+B, I, K8, J, D = 3, 37, 3, 4, 5
+for r in (1, 2, 3):
+    u = torch.randn(B, NI, K8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(NI, K8, J * D, dtype=torch.float64, requires_grad=True)
+    v, c = fused_routing(u, W, J, r)
+    g = torch.randn_like(v)
+    gu, gW = torch.autograd.grad(v, (u, W), g)
+    u_hat = torch.einsum("bik,ikn->bin", u, W).view(B, I, J, D)  # (B, n_in, n_out, D)
+    v_ref, c_ref = _literal_routing(u_hat, r)
+    gu_ref, gW_ref = torch.autograd.grad(v_ref, (u, W), g)
+    out[f"r{r}"] = [err(v, v_ref), err(c.transpose(1, 2), c_ref), err(gu, gu_ref), err(gW, gW_ref)]
+
+kw = dict(conv1_channels=8, primary_caps=2)  # 72 primary capsules
+m = {k: create_model("capsnet", routing_kernel=k, **kw).double().train() for k in ("triton", "torch")}
+m["torch"].load_state_dict(m["triton"].state_dict())
+x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+y = torch.tensor([3, 7])
+res = {}
+for k, model in m.items():
+    o = model(x, y, keep_coupling=True)
+    model.loss(o, x, y).backward()
+    res[k] = (o.poses, o.coupling, [p.grad for p in model.parameters()])
+out["model"] = [err(res["triton"][0], res["torch"][0]), err(res["triton"][1], res["torch"][1]),
+                max(err(a, b) for a, b in zip(res["triton"][2], res["torch"][2]))]
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_fused_routing_matches_the_literal_procedure_in_the_triton_interpreter():
+    pytest.importorskip("triton", reason="Triton ships with PyTorch's CUDA builds; this build has none")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CAPSBENCH_ROUTING_TILES": "2,16,1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    errors = json.loads(line[len("RESULT "):])
+    assert set(errors) == {"r1", "r2", "r3", "model"}
+    for name, errs in errors.items():  # outputs, couplings, gradients (u and W, or every parameter)
+        assert max(errs) < 1e-10, (name, errs)
+
+
+def test_routing_kernel_choices_and_errors(monkeypatch):
+    with pytest.raises(ValueError, match="routing_kernel must be one of auto, torch, triton"):
+        create_model("capsnet", routing_kernel="cuda")
+    m = create_model("capsnet")
+    u = torch.zeros(1, 1152, 8)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not m.uses_fused_routing(u)  # auto on a CPU: u_hat + batched matmuls
+    monkeypatch.setenv("CAPSBENCH_ROUTING", "fast")
+    with pytest.raises(ValueError, match="CAPSBENCH_ROUTING='fast'"):
+        m.uses_fused_routing(u)
+    monkeypatch.delenv("CAPSBENCH_ROUTING")
+    m.routing_kernel = "triton"
+    with pytest.raises(RuntimeError, match="needs Triton and a CUDA tensor.*routing_kernel='auto' or 'torch'"):
+        m(torch.rand(1, 1, 28, 28))
+
+
+def test_bad_tile_override_names_the_variable(monkeypatch):
+    pytest.importorskip("triton")
+    from capsbench.models.fused_routing import _tiles
+
+    monkeypatch.setenv("CAPSBENCH_ROUTING_TILES", "16,16")
+    with pytest.raises(ValueError, match="CAPSBENCH_ROUTING_TILES='16,16': expected three integers"):
+        _tiles()
+    monkeypatch.setenv("CAPSBENCH_ROUTING_TILES", "16,12,4")
+    with pytest.raises(ValueError, match="BI must be a power of two"):
+        _tiles()
+
+
+def _cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tier needs a CUDA device")
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [1, 2, 3])
+def test_fused_routing_on_cuda_matches_the_literal_procedure(r):
+    from test_models import _literal_routing
+
+    from capsbench.models.fused_routing import fused_routing
+
+    dev = _cuda()
+    torch.manual_seed(r)
+    B, NI, J, D, K8 = 3, 70, 10, 16, 8
+    u = torch.randn(B, NI, K8, dtype=torch.float64, requires_grad=True)
+    W = (0.3 * torch.randn(NI, K8, J * D, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(B, J, D, dtype=torch.float64)
+    u_hat = torch.einsum("bik,ikn->bin", u, W).view(B, NI, J, D)
+    v_ref, c_ref = _literal_routing(u_hat, r)
+    gu_ref, gW_ref = torch.autograd.grad(v_ref, (u, W), g)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        uc = u.detach().to(dev, dtype).requires_grad_()
+        Wc = W.detach().to(dev, dtype).requires_grad_()
+        v, c = fused_routing(uc, Wc, J, r)
+        gu, gW = torch.autograd.grad(v, (uc, Wc), g.to(dev, dtype))
+        for got, ref in ((v, v_ref), (c.transpose(1, 2), c_ref), (gu, gu_ref), (gW, gW_ref)):
+            assert (got.double().cpu() - ref).abs().max().item() < tol, (dtype, r)
+
+
+@pytest.mark.gpu
+def test_capsnet_on_cuda_routes_with_the_fused_kernels_and_matches_the_plain_path():
+    dev = _cuda()
+    torch.manual_seed(0)
+    fused = create_model("capsnet").to(dev).train()
+    plain = create_model("capsnet", routing_kernel="torch").to(dev).train()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.rand(32, 1, 28, 28, device=dev)
+    y = torch.randint(0, 10, (32,), device=dev)
+    assert fused.uses_fused_routing(torch.zeros(1, 1, 1, device=dev))
+    outs = []
+    for m in (fused, plain):
+        o = m(x, y, keep_coupling=True)
+        m.loss(o, x, y).backward()
+        outs.append(o)
+    assert (outs[0].poses - outs[1].poses).abs().max().item() < 1e-5
+    assert (outs[0].coupling - outs[1].coupling).abs().max().item() < 1e-5
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        scale = b.grad.abs().max().item() + 1e-12
+        assert (a.grad - b.grad).abs().max().item() < 1e-4 * scale, name
