@@ -22,7 +22,8 @@ timeout ${T_TILES:-100} python3 tests/benchmarks/routing_tiles.py --batch-sizes 
   --configs ${CONFIGS:-16:16:8,8:16:4,16:16:4,8:32:8,4:32:4,8:16:8} --profile --out $OUT/routing_tiles.csv 2>&1 \
   | tee /tmp/tiles.log | grep -v "^capsbench: warning"
 BEST=$(grep '^BEST ' /tmp/tiles.log | awk '{print $2}')
-[ -n "$BEST" ] && export CAPSBENCH_ROUTING_TILES=$BEST && el "tiles $BEST"
+if [ -n "$BEST" ]; then export CAPSBENCH_ROUTING_TILES=$BEST; el "tiles $BEST"
+else export CAPSBENCH_ROUTING=torch; el "no fused configuration ran: the rest uses the plain routing"; fi
 
 el "3. capsbench speed"
 timeout ${T_SPEED1:-140} python3 -m capsbench speed --device cuda --routing triton --variants bf16_cl,bf16_cl_graph \
