@@ -34,14 +34,14 @@ def err(a, b):
 
 out = {}
 torch.manual_seed(0)
-B, I, K8, J, D = 3, 37, 3, 4, 5
+B, NI, K8, J, D = 3, 37, 3, 4, 5
 for r in (1, 2, 3):
     u = torch.randn(B, NI, K8, dtype=torch.float64, requires_grad=True)
     W = torch.randn(NI, K8, J * D, dtype=torch.float64, requires_grad=True)
     v, c = fused_routing(u, W, J, r)
     g = torch.randn_like(v)
     gu, gW = torch.autograd.grad(v, (u, W), g)
-    u_hat = torch.einsum("bik,ikn->bin", u, W).view(B, I, J, D)  # (B, n_in, n_out, D)
+    u_hat = torch.einsum("bik,ikn->bin", u, W).view(B, NI, J, D)  # (B, n_in, n_out, D)
     v_ref, c_ref = _literal_routing(u_hat, r)
     gu_ref, gW_ref = torch.autograd.grad(v_ref, (u, W), g)
     out[f"r{r}"] = [err(v, v_ref), err(c.transpose(1, 2), c_ref), err(gu, gu_ref), err(gW, gW_ref)]
@@ -64,7 +64,7 @@ print("RESULT", json.dumps(out))
 
 def test_fused_routing_matches_the_literal_procedure_in_the_triton_interpreter():
     pytest.importorskip("triton", reason="Triton ships with PyTorch's CUDA builds; this build has none")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CAPSBENCH_ROUTING_TILES": "2,16,1",
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CAPSBENCH_ROUTING_TILES": "16,16,1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -97,10 +97,10 @@ def test_bad_tile_override_names_the_variable(monkeypatch):
     from capsbench.models.fused_routing import _tiles
 
     monkeypatch.setenv("CAPSBENCH_ROUTING_TILES", "16,16")
-    with pytest.raises(ValueError, match="CAPSBENCH_ROUTING_TILES='16,16': expected three integers"):
+    with pytest.raises(ValueError, match=r"CAPSBENCH_ROUTING_TILES='16,16': expected 'BB,BK,warps\[,stages\]'"):
         _tiles()
     monkeypatch.setenv("CAPSBENCH_ROUTING_TILES", "16,12,4")
-    with pytest.raises(ValueError, match="BI must be a power of two"):
+    with pytest.raises(ValueError, match="BK must be a power of two >= 16"):
         _tiles()
 
 
@@ -132,7 +132,8 @@ def test_fused_routing_on_cuda_matches_the_literal_procedure(r):
         v, c = fused_routing(uc, Wc, J, r)
         gu, gW = torch.autograd.grad(v, (uc, Wc), g.to(dev, dtype))
         for got, ref in ((v, v_ref), (c.transpose(1, 2), c_ref), (gu, gu_ref), (gW, gW_ref)):
-            assert (got.double().cpu() - ref).abs().max().item() < tol, (dtype, r)
+            scale = max(1.0, ref.abs().max().item())  # float32: relative to the largest entry
+            assert (got.double().cpu() - ref).abs().max().item() < tol * scale, (dtype, r)
 
 
 @pytest.mark.gpu

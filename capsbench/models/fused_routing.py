@@ -38,11 +38,12 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-# Tile sizes: a program holds a (BB images, BI input capsules, d_out) tile of u_hat in
-# registers and loops over the output capsules j, run by `warps` warps. Chosen on an H100
-# (reports/gpu-h100); CAPSBENCH_ROUTING_TILES="BB,BI,warps" overrides them (powers of two).
-DEFAULT_TILES = (16, 16, 4)
-# wsum programs cover WSUM_TILES_PER_PROGRAM consecutive BI-tiles and write one partial sum each.
+# Tile sizes: a program takes BB images x BK columns of u (BK / 8 input capsules) and loops
+# over the output capsules j, run by `warps` warps with `stages` software-pipeline stages.
+# Chosen on an H100 (reports/gpu-h100); CAPSBENCH_ROUTING_TILES="BB,BK,warps[,stages]"
+# overrides them (powers of two, BB and BK >= 16).
+DEFAULT_TILES = (16, 64, 4, 2)
+# wsum programs cover WSUM_TILES_PER_PROGRAM consecutive BK-tiles and write one partial sum each.
 WSUM_TILES_PER_PROGRAM = 4
 
 
@@ -57,19 +58,25 @@ def available(t: torch.Tensor) -> bool:
     return t.is_cuda or (_interpreting() and t.device.type == "cpu")
 
 
-def _tiles() -> tuple[int, int, int]:
+def _tiles() -> tuple[int, int, int, int]:
     spec = os.environ.get("CAPSBENCH_ROUTING_TILES")
     if not spec:
         return DEFAULT_TILES
     try:
-        bb, bi, warps = (int(x) for x in spec.split(","))
+        vals = [int(x) for x in spec.split(",")]
+        if len(vals) not in (3, 4):
+            raise ValueError
     except ValueError:
-        raise ValueError(f"CAPSBENCH_ROUTING_TILES={spec!r}: expected three integers 'BB,BI,warps', "
-                         "e.g. '16,16,4'") from None
-    for name, n in (("BB", bb), ("BI", bi), ("warps", warps)):
-        if n < 1 or n & (n - 1):
-            raise ValueError(f"CAPSBENCH_ROUTING_TILES={spec!r}: {name} must be a power of two")
-    return bb, bi, warps
+        raise ValueError(f"CAPSBENCH_ROUTING_TILES={spec!r}: expected 'BB,BK,warps[,stages]', "
+                         "e.g. '16,64,4,2'") from None
+    bb, bk, warps = vals[:3]
+    stages = vals[3] if len(vals) == 4 else DEFAULT_TILES[3]
+    for name, n, low in (("BB", bb, 16), ("BK", bk, 16), ("warps", warps, 1)):
+        if n < low or n & (n - 1):
+            raise ValueError(f"CAPSBENCH_ROUTING_TILES={spec!r}: {name} must be a power of two >= {low}")
+    if stages < 1:
+        raise ValueError(f"CAPSBENCH_ROUTING_TILES={spec!r}: stages must be >= 1")
+    return bb, bk, warps, stages
 
 
 def _p2(n: int) -> int:
@@ -77,116 +84,111 @@ def _p2(n: int) -> int:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _uhat_tile(u_ptr, w_ptr, offs_b, offs_i, j, B, NI, JD,
-                   K8: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BB: tl.constexpr, BI: tl.constexpr):
-        """(BB, BI, DP) tile of u_hat[b, j, i, :] = W[i, :, j*D:(j+1)*D]^T u[b, i, :]."""
-        d = tl.arange(0, DP)
-        mu = (offs_b[:, None] < B) & (offs_i[None, :] < NI)
-        mw = (offs_i[:, None] < NI) & (d[None, :] < D)
-        uh = tl.zeros((BB, BI, DP), dtype=w_ptr.dtype.element_ty)
-        for k in tl.static_range(K8):  # K8 outer products: element-wise FMAs, no reduction
-            uk = tl.load(u_ptr + offs_b[:, None] * (NI * K8) + offs_i[None, :] * K8 + k, mask=mu, other=0.0)
-            wk = tl.load(w_ptr + offs_i[:, None] * (K8 * JD) + k * JD + j * D + d[None, :], mask=mw, other=0.0)
-            uh += uk[:, :, None] * wk[None, :, :]
-        return uh
-
-    @triton.jit
-    def _h_tile(alpha_ptr, beta_ptr, offs_b, offs_i, j, B, NI, J,
-                T: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
-        """(BB, BI, DP) tile of H[b, j, i, :] = sum_t alpha[t, b, j, i] beta[t, b, j, :]."""
-        d = tl.arange(0, DP)
-        ma = (offs_b[:, None] < B) & (offs_i[None, :] < NI)
-        mb = (offs_b[:, None] < B) & (d[None, :] < D)
-        a = tl.load(alpha_ptr + offs_b[:, None] * (J * NI) + j * NI + offs_i[None, :], mask=ma, other=0.0)
-        bt = tl.load(beta_ptr + offs_b[:, None] * (J * D) + j * D + d[None, :], mask=mb, other=0.0)
-        h = a[:, :, None] * bt[:, None, :]
-        for t in tl.static_range(1, T):
-            a = tl.load(alpha_ptr + t * (B * J * NI) + offs_b[:, None] * (J * NI) + j * NI + offs_i[None, :],
-                        mask=ma, other=0.0)
-            bt = tl.load(beta_ptr + t * (B * J * D) + offs_b[:, None] * (J * D) + j * D + d[None, :],
-                         mask=mb, other=0.0)
-            h += a[:, :, None] * bt[:, None, :]
-        return h
+    # Layout: u is a (B, NI*K8) matrix and W a (NI*K8, J*D) one; column c of u (row c of W)
+    # is input capsule i = c // K8, component k = c % K8. A program takes BK such columns.
+    # Every contraction is a tl.dot: in float32 with input_precision "tf32x3" (three TF32
+    # tensor-core products, float32 accuracy), in float64 "ieee".
 
     @triton.jit
     def _agree_kernel(u_ptr, w_ptr, x_ptr, out_ptr, B, NI, J,
-                      K8: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BB: tl.constexpr, BI: tl.constexpr):
+                      K8: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                      BB: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, PREC: tl.constexpr):
+        # Columns are laid out as (BI capsules) x (KP >= K8 components) so the sum over k is a reshape.
         offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
-        offs_i = tl.program_id(1) * BI + tl.arange(0, BI)
+        i = tl.program_id(1) * BI + tl.arange(0, BK) // KP
+        k = tl.arange(0, BK) % KP
+        col = i * K8 + k
+        mcol = (i < NI) & (k < K8)
         d = tl.arange(0, DP)
-        mx = (offs_b[:, None] < B) & (d[None, :] < D)
-        mo = (offs_b[:, None] < B) & (offs_i[None, :] < NI)
+        mb = offs_b < B
+        JD = J * D
+        u = tl.load(u_ptr + offs_b[:, None] * (NI * K8) + col[None, :], mask=mb[:, None] & mcol[None, :], other=0.0)
+        offs_i = tl.program_id(1) * BI + tl.arange(0, BI)
         for j in range(0, J):
-            uh = _uhat_tile(u_ptr, w_ptr, offs_b, offs_i, j, B, NI, J * D, K8, D, DP, BB, BI)
-            x = tl.load(x_ptr + offs_b[:, None] * (J * D) + j * D + d[None, :], mask=mx, other=0.0)  # (BB, DP)
-            a = tl.sum(uh * x[:, None, :], axis=2)  # (BB, BI)
-            tl.store(out_ptr + offs_b[:, None] * (J * NI) + j * NI + offs_i[None, :], a, mask=mo)
+            x = tl.load(x_ptr + offs_b[:, None] * JD + j * D + d[None, :], mask=mb[:, None] & (d[None, :] < D),
+                        other=0.0)  # (BB, DP)
+            w = tl.load(w_ptr + col[:, None] * JD + j * D + d[None, :], mask=mcol[:, None] & (d[None, :] < D),
+                        other=0.0)  # (BK, DP)
+            y = tl.dot(x, tl.trans(w), input_precision=PREC)  # (BB, BK): (W_ij^T x_j)[k] per column
+            a = tl.sum(tl.reshape(y * u, (BB, BI, KP)), axis=2)  # (BB, BI)
+            tl.store(out_ptr + offs_b[:, None] * (J * NI) + j * NI + offs_i[None, :], a,
+                     mask=mb[:, None] & (offs_i[None, :] < NI))
 
     @triton.jit
     def _wsum_kernel(u_ptr, w_ptr, c_ptr, out_ptr, B, NI, J, scale,
                      UNIFORM: tl.constexpr, K8: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                     BB: tl.constexpr, BI: tl.constexpr, TILES: tl.constexpr):
-        pid_i = tl.program_id(1)
+                     BB: tl.constexpr, BK: tl.constexpr, TILES: tl.constexpr, PREC: tl.constexpr):
+        pid_c = tl.program_id(1)
         offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
+        mb = offs_b < B
         d = tl.arange(0, DP)
+        JD = J * D
         for j in range(0, J):
-            s = tl.zeros((BB, DP), dtype=w_ptr.dtype.element_ty)
-            for tile in range(0, TILES):
-                offs_i = (pid_i * TILES + tile) * BI + tl.arange(0, BI)
-                uh = _uhat_tile(u_ptr, w_ptr, offs_b, offs_i, j, B, NI, J * D, K8, D, DP, BB, BI)
-                if UNIFORM:
-                    s += tl.sum(uh, axis=1)
-                else:
-                    c = tl.load(c_ptr + offs_b[:, None] * (J * NI) + j * NI + offs_i[None, :],
-                                mask=(offs_b[:, None] < B) & (offs_i[None, :] < NI), other=0.0)
-                    s += tl.sum(uh * c[:, :, None], axis=1)
+            acc = tl.zeros((BB, DP), dtype=w_ptr.dtype.element_ty)
+            for t in range(0, TILES):
+                col = (pid_c * TILES + t) * BK + tl.arange(0, BK)
+                mcol = col < NI * K8
+                m = mb[:, None] & mcol[None, :]
+                z = tl.load(u_ptr + offs_b[:, None] * (NI * K8) + col[None, :], mask=m, other=0.0)  # (BB, BK)
+                if not UNIFORM:
+                    z = z * tl.load(c_ptr + offs_b[:, None] * (J * NI) + j * NI + (col // K8)[None, :], mask=m,
+                                    other=0.0)
+                w = tl.load(w_ptr + col[:, None] * JD + j * D + d[None, :], mask=mcol[:, None] & (d[None, :] < D),
+                            other=0.0)  # (BK, DP)
+                acc = tl.dot(z, w, acc, input_precision=PREC)
             if UNIFORM:
-                s = s * scale
-            tl.store(out_ptr + pid_i * (B * J * D) + offs_b[:, None] * (J * D) + j * D + d[None, :], s,
-                     mask=(offs_b[:, None] < B) & (d[None, :] < D))
+                acc = acc * scale
+            tl.store(out_ptr + pid_c * (B * JD) + offs_b[:, None] * JD + j * D + d[None, :], acc,
+                     mask=mb[:, None] & (d[None, :] < D))
 
     @triton.jit
     def _grad_u_kernel(alpha_ptr, beta_ptr, w_ptr, out_ptr, B, NI, J,
-                       T: tl.constexpr, K8: tl.constexpr, D: tl.constexpr, KP: tl.constexpr,
-                       DP: tl.constexpr, BB: tl.constexpr, BI: tl.constexpr):
+                       T: tl.constexpr, K8: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                       BB: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+        # d u[b, c] = sum_j sum_t alpha_t[b, j, i(c)] (beta_t[b, j, :] . W[c, j, :])
         offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
-        offs_i = tl.program_id(1) * BI + tl.arange(0, BI)
-        kk = tl.arange(0, KP)
+        col = tl.program_id(1) * BK + tl.arange(0, BK)
+        mb = offs_b < B
+        mcol = col < NI * K8
+        m = mb[:, None] & mcol[None, :]
         d = tl.arange(0, DP)
         JD = J * D
-        mw = (offs_i[:, None] < NI) & (d[None, :] < D)
-        acc = tl.zeros((BB, BI, KP), dtype=w_ptr.dtype.element_ty)
+        acc = tl.zeros((BB, BK), dtype=w_ptr.dtype.element_ty)
         for j in range(0, J):
-            h = _h_tile(alpha_ptr, beta_ptr, offs_b, offs_i, j, B, NI, J, T, D, DP)  # (BB, BI, DP)
-            for k in tl.static_range(K8):
-                wk = tl.load(w_ptr + offs_i[:, None] * (K8 * JD) + k * JD + j * D + d[None, :], mask=mw, other=0.0)
-                g = tl.sum(h * wk[None, :, :], axis=2)  # (BB, BI): d u[b, i, k] from output j
-                acc = tl.where(kk[None, None, :] == k, acc + g[:, :, None], acc)
-        tl.store(out_ptr + offs_b[:, None, None] * (NI * K8) + offs_i[None, :, None] * K8 + kk[None, None, :], acc,
-                 mask=(offs_b[:, None, None] < B) & (offs_i[None, :, None] < NI) & (kk[None, None, :] < K8))
+            w = tl.load(w_ptr + col[:, None] * JD + j * D + d[None, :], mask=mcol[:, None] & (d[None, :] < D),
+                        other=0.0)  # (BK, DP)
+            wt = tl.trans(w)
+            for t in range(0, T):
+                bt = tl.load(beta_ptr + t * (B * JD) + offs_b[:, None] * JD + j * D + d[None, :],
+                             mask=mb[:, None] & (d[None, :] < D), other=0.0)  # (BB, DP)
+                a = tl.load(alpha_ptr + t * (B * J * NI) + offs_b[:, None] * (J * NI) + j * NI + (col // K8)[None, :],
+                            mask=m, other=0.0)  # (BB, BK)
+                acc += a * tl.dot(bt, wt, input_precision=PREC)
+        tl.store(out_ptr + offs_b[:, None] * (NI * K8) + col[None, :], acc, mask=m)
 
     @triton.jit
     def _grad_w_kernel(alpha_ptr, beta_ptr, u_ptr, out_ptr, B, NI, J,
-                       T: tl.constexpr, K8: tl.constexpr, D: tl.constexpr, KP: tl.constexpr,
-                       DP: tl.constexpr, BB: tl.constexpr, BI: tl.constexpr):
-        offs_i = tl.program_id(0) * BI + tl.arange(0, BI)
+                       T: tl.constexpr, K8: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                       BB: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+        # d W[c, j, :] = sum_b u[b, c] sum_t alpha_t[b, j, i(c)] beta_t[b, j, :]
+        col = tl.program_id(0) * BK + tl.arange(0, BK)
         j = tl.program_id(1)
-        kk = tl.arange(0, KP)
+        mcol = col < NI * K8
         d = tl.arange(0, DP)
-        acc = tl.zeros((BI, KP, DP), dtype=u_ptr.dtype.element_ty)
+        JD = J * D
+        acc = tl.zeros((BK, DP), dtype=u_ptr.dtype.element_ty)
         for b0 in range(0, B, BB):
             offs_b = b0 + tl.arange(0, BB)
-            h = _h_tile(alpha_ptr, beta_ptr, offs_b, offs_i, j, B, NI, J, T, D, DP)  # (BB, BI, DP)
-            mu = (offs_b[:, None] < B) & (offs_i[None, :] < NI)
-            for k in tl.static_range(K8):
-                uk = tl.load(u_ptr + offs_b[:, None] * (NI * K8) + offs_i[None, :] * K8 + k, mask=mu, other=0.0)
-                g = tl.sum(uk[:, :, None] * h, axis=0)  # (BI, DP): d W[i, k, j, :] from these images
-                acc = tl.where(kk[None, :, None] == k, acc + g[:, None, :], acc)
-        JD = J * D
-        tl.store(out_ptr + offs_i[:, None, None] * (K8 * JD) + kk[None, :, None] * JD + j * D + d[None, None, :],
-                 acc, mask=(offs_i[:, None, None] < NI) & (kk[None, :, None] < K8) & (d[None, None, :] < D))
+            mb = offs_b < B
+            m = mb[:, None] & mcol[None, :]
+            u = tl.load(u_ptr + offs_b[:, None] * (NI * K8) + col[None, :], mask=m, other=0.0)  # (BB, BK)
+            for t in range(0, T):
+                a = tl.load(alpha_ptr + t * (B * J * NI) + offs_b[:, None] * (J * NI) + j * NI + (col // K8)[None, :],
+                            mask=m, other=0.0)
+                bt = tl.load(beta_ptr + t * (B * JD) + offs_b[:, None] * JD + j * D + d[None, :],
+                             mask=mb[:, None] & (d[None, :] < D), other=0.0)  # (BB, DP)
+                acc = tl.dot(tl.trans(u * a), bt, acc, input_precision=PREC)
+        tl.store(out_ptr + col[:, None] * JD + j * D + d[None, :], acc, mask=mcol[:, None] & (d[None, :] < D))
 
 
 class _Shapes:
@@ -197,28 +199,29 @@ class _Shapes:
             raise ValueError(f"W of shape {tuple(W.shape)} does not fit u of shape {tuple(u.shape)} "
                              f"and {n_out} output capsules")
         self.D = W.shape[2] // n_out
-        self.KP, self.DP = _p2(self.K8), _p2(self.D)
-        self.BB, self.BI, self.warps = _tiles()
+        self.KP, self.DP = _p2(self.K8), max(16, _p2(self.D))  # tl.dot needs every side >= 16
+        self.BB, self.BK, self.warps, self.stages = _tiles()
+        self.BK = max(self.BK, self.KP)
+        self.prec = "tf32x3" if u.dtype == torch.float32 else "ieee"
 
-    def consts(self, kp: bool = False) -> dict:
-        out = dict(K8=self.K8, D=self.D, DP=self.DP, BB=self.BB, BI=self.BI, num_warps=self.warps)
-        if kp:
-            out["KP"] = self.KP
-        return out
+    def consts(self) -> dict:
+        return dict(K8=self.K8, D=self.D, DP=self.DP, BB=self.BB, BK=self.BK, PREC=self.prec,
+                    num_warps=self.warps, num_stages=self.stages)
 
 
 def _agree(u, W, x, sh: _Shapes) -> torch.Tensor:
     """A[b, j, i] = u_hat[b, j, i, :] . x[b, j, :]."""
     out = u.new_empty(sh.B, sh.J, sh.NI)
-    grid = (triton.cdiv(sh.B, sh.BB), triton.cdiv(sh.NI, sh.BI))
-    _agree_kernel[grid](u, W, x.contiguous(), out, sh.B, sh.NI, sh.J, **sh.consts())
+    bi = sh.BK // sh.KP
+    grid = (triton.cdiv(sh.B, sh.BB), triton.cdiv(sh.NI, bi))
+    _agree_kernel[grid](u, W, x.contiguous(), out, sh.B, sh.NI, sh.J, KP=sh.KP, BI=bi, **sh.consts())
     return out
 
 
 def _wsum(u, W, c, sh: _Shapes) -> torch.Tensor:
     """S[b, j, :] = sum_i c[b, j, i] u_hat[b, j, i, :]; ``c=None``: uniform 1 / J."""
-    per = sh.BI * WSUM_TILES_PER_PROGRAM
-    n = triton.cdiv(sh.NI, per)
+    per = sh.BK * WSUM_TILES_PER_PROGRAM
+    n = triton.cdiv(sh.NI * sh.K8, per)
     part = u.new_empty(n, sh.B, sh.J, sh.D)
     grid = (triton.cdiv(sh.B, sh.BB), n)
     _wsum_kernel[grid](u, W, u if c is None else c.contiguous(), part, sh.B, sh.NI, sh.J, 1.0 / sh.J,
@@ -230,10 +233,9 @@ def _grads(u, W, alpha, beta, sh: _Shapes) -> tuple[torch.Tensor, torch.Tensor]:
     T = alpha.shape[0]
     gu = torch.empty_like(u)
     gw = torch.empty_like(W)
-    grid = (triton.cdiv(sh.B, sh.BB), triton.cdiv(sh.NI, sh.BI))
-    _grad_u_kernel[grid](alpha, beta, W, gu, sh.B, sh.NI, sh.J, T=T, **sh.consts(kp=True))
-    grid = (triton.cdiv(sh.NI, sh.BI), sh.J)
-    _grad_w_kernel[grid](alpha, beta, u, gw, sh.B, sh.NI, sh.J, T=T, **sh.consts(kp=True))
+    n_cols = triton.cdiv(sh.NI * sh.K8, sh.BK)
+    _grad_u_kernel[(triton.cdiv(sh.B, sh.BB), n_cols)](alpha, beta, W, gu, sh.B, sh.NI, sh.J, T=T, **sh.consts())
+    _grad_w_kernel[(n_cols, sh.J)](alpha, beta, u, gw, sh.B, sh.NI, sh.J, T=T, **sh.consts())
     return gu, gw
 
 

@@ -1,7 +1,7 @@
 """Routing cost on one GPU: u_hat + routing forward and backward, float32, plain vs fused.
 
 Times the plain path (u_hat written, batched matmuls) and the fused Triton kernels for each
-tile configuration (CAPSBENCH_ROUTING_TILES = "BB,BI,warps"), at the paper CapsNet's sizes
+tile configuration (CAPSBENCH_ROUTING_TILES = "BB,BK,warps,stages"), at the paper CapsNet's sizes
 (1152 inputs x 8-D, 10 outputs x 16-D, r = 3), and prints the fastest configuration last.
 Usage (device machine): python tests/benchmarks/routing_tiles.py [--batch-sizes 128,512] [--out f.csv]
 """
@@ -17,14 +17,14 @@ from capsbench.models.capsnet import dynamic_routing, squash
 from capsbench.models.fused_routing import fused_routing
 from capsbench.profiler import time_fn
 
-CONFIGS = ["16,16,4", "8,16,4", "16,32,4", "32,16,4", "32,32,8", "8,32,4"]
+CONFIGS = ["16,64,4,1", "16,64,4,2", "32,64,8,2", "32,32,4,2", "32,128,8,2", "16,32,4,2"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-sizes", default="128,512")
     ap.add_argument("--configs", default=",".join(c.replace(",", ":") for c in CONFIGS),
-                    help="BB:BI:warps, comma-separated")
+                    help="BB:BK:warps:stages, comma-separated")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print the kernel table of the best config")
     args = ap.parse_args()
