@@ -143,7 +143,7 @@ def add_commands(sub, add_common) -> None:
     s.add_argument("--deadline", type=_positive_float, default=None,
                    help="skip the configurations that would start after this many seconds")
     s.add_argument("--routing", choices=("auto", "torch", "triton"), default="auto",
-                   help="CapsNet routing: auto (fused Triton kernels on CUDA, else torch), torch (u_hat + "
-                        "batched matmuls) or triton")
+                   help="CapsNet routing: auto (= torch unless $CAPSBENCH_ROUTING says otherwise), torch (u_hat + "
+                        "batched matmuls) or triton (fused kernels, CUDA only)")
     add_common(s)
     s.set_defaults(func=cmd_speed)

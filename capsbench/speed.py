@@ -22,8 +22,9 @@ Variants (``--variants``, comma-separated):
                     no host synchronisation inside the step (CUDA only).
 ``bf16_cl_compile`` bf16_cl with ``torch.compile(model)`` (CUDA only; compiling takes a while).
 
-``--routing`` picks CapsNet's routing (``auto``: the fused Triton kernels on CUDA, u_hat and
-batched matmuls elsewhere; ``torch``; ``triton``); the ``routing`` column says which ran.
+``--routing`` picks CapsNet's routing (``auto``: u_hat and batched matmuls unless
+$CAPSBENCH_ROUTING says otherwise; ``torch``; ``triton``: the fused kernels of
+models/fused_routing.py, CUDA only); the ``routing`` column says which ran.
 
 Rows per (variant, batch size): ``images_per_s_train`` (batch / median step time),
 ``time_train_step_s``, ``images_per_s_inference`` (eval mode, same precision and layout,

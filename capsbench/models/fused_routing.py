@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 # over the output capsules j, run by `warps` warps with `stages` software-pipeline stages.
 # Chosen on an H100 (reports/gpu-h100); CAPSBENCH_ROUTING_TILES="BB,BK,warps[,stages]"
 # overrides them (powers of two, BB and BK >= 16).
-DEFAULT_TILES = (16, 64, 4, 2)
+DEFAULT_TILES = (16, 64, 4, 1)
 # wsum programs cover WSUM_TILES_PER_PROGRAM consecutive BK-tiles and write one partial sum each.
 WSUM_TILES_PER_PROGRAM = 4
 
@@ -115,7 +115,7 @@ if triton is not None:
                      mask=mb[:, None] & (offs_i[None, :] < NI))
 
     @triton.jit
-    def _wsum_kernel(u_ptr, w_ptr, c_ptr, out_ptr, B, NI, J, scale,
+    def _wsum_kernel(u_ptr, w_ptr, c_ptr, out_ptr, B, NI, J,
                      UNIFORM: tl.constexpr, K8: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                      BB: tl.constexpr, BK: tl.constexpr, TILES: tl.constexpr, PREC: tl.constexpr):
         pid_c = tl.program_id(1)
@@ -136,8 +136,8 @@ if triton is not None:
                 w = tl.load(w_ptr + col[:, None] * JD + j * D + d[None, :], mask=mcol[:, None] & (d[None, :] < D),
                             other=0.0)  # (BK, DP)
                 acc = tl.dot(z, w, acc, input_precision=PREC)
-            if UNIFORM:
-                acc = acc * scale
+            if UNIFORM:  # divide by the integer J: a float argument would arrive as float32
+                acc = acc / J
             tl.store(out_ptr + pid_c * (B * JD) + offs_b[:, None] * JD + j * D + d[None, :], acc,
                      mask=mb[:, None] & (d[None, :] < D))
 
@@ -224,7 +224,7 @@ def _wsum(u, W, c, sh: _Shapes) -> torch.Tensor:
     n = triton.cdiv(sh.NI * sh.K8, per)
     part = u.new_empty(n, sh.B, sh.J, sh.D)
     grid = (triton.cdiv(sh.B, sh.BB), n)
-    _wsum_kernel[grid](u, W, u if c is None else c.contiguous(), part, sh.B, sh.NI, sh.J, 1.0 / sh.J,
+    _wsum_kernel[grid](u, W, u if c is None else c.contiguous(), part, sh.B, sh.NI, sh.J,
                        UNIFORM=c is None, TILES=WSUM_TILES_PER_PROGRAM, **sh.consts())
     return part[0] if n == 1 else part.sum(dim=0)
 

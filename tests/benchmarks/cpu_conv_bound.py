@@ -1,0 +1,65 @@
+"""What bounds CapsNet training on a CPU: the PrimaryCaps convolution alone, forward + backward.
+
+Times, at batch 100 in float32 with the process's torch threads: the 9x9 stride-2 256 -> 256
+PrimaryCaps convolution forward, its forward + backward (input and weight gradients, as in
+training), the same as unfold + matmul, and a large sgemm of the same inner size, and prints the
+images/s ceiling the convolution alone puts on a training step.
+Usage: python tests/benchmarks/cpu_conv_bound.py [--batch 100] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def best(fn, n: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    B = args.batch
+    x = torch.randn(B, 256, 20, 20, requires_grad=True)
+    w = torch.randn(256, 256, 9, 9, requires_grad=True)
+    flop_fwd = 2 * B * 6 * 6 * 256 * 256 * 81  # output positions x out channels x (in channels x 81)
+
+    def conv_fwd():
+        with torch.no_grad():
+            F.conv2d(x, w, stride=2)
+
+    def conv_train():
+        y = F.conv2d(x, w, stride=2)
+        y.backward(torch.ones_like(y))
+
+    def unfold_train():
+        y = w.view(256, -1) @ F.unfold(x, 9, stride=2)
+        y.backward(torch.ones_like(y))
+
+    a, b = torch.randn(B * 36, 256 * 81), torch.randn(256 * 81, 256)
+    t_f, t_t, t_u, t_g = best(conv_fwd), best(conv_train), best(unfold_train), best(lambda: a @ b)
+    print(f"threads {torch.get_num_threads()}, batch {B}")
+    print(f"PrimaryCaps conv forward          {t_f:.3f} s  {flop_fwd / t_f / 1e9:6.1f} GFLOP/s")
+    print(f"PrimaryCaps conv forward+backward {t_t:.3f} s  {3 * flop_fwd / t_t / 1e9:6.1f} GFLOP/s"
+          f"  -> at most {B / t_t:.0f} training images/s from this layer alone")
+    print(f"same via unfold + matmul          {t_u:.3f} s")
+    print(f"sgemm ({B * 36} x {256 * 81} x 256)   {t_g:.3f} s  {flop_fwd / t_g / 1e9:6.1f} GFLOP/s"
+          f"  -> even at this rate: at most {B / (3 * t_g):.0f} images/s")
+
+
+if __name__ == "__main__":
+    main()
