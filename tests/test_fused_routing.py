@@ -34,7 +34,7 @@ def err(a, b):
 
 out = {}
 torch.manual_seed(0)
-B, NI, K8, J, D = 3, 37, 3, 4, 5
+B, NI, K8, J, D = 18, 37, 3, 4, 5  # two batch tiles of 16: the W gradient is split
 for r in (1, 2, 3):
     u = torch.randn(B, NI, K8, dtype=torch.float64, requires_grad=True)
     W = torch.randn(NI, K8, J * D, dtype=torch.float64, requires_grad=True)

@@ -43,7 +43,9 @@ except ImportError:  # pragma: no cover - depends on the installation
 # Chosen on an H100 (reports/gpu-h100); CAPSBENCH_ROUTING_TILES="BB,BK,warps[,stages]"
 # overrides them (powers of two, BB and BK >= 16).
 DEFAULT_TILES = (16, 64, 4, 1)
-# wsum programs cover WSUM_TILES_PER_PROGRAM consecutive BK-tiles and write one partial sum each.
+# wsum programs cover WSUM_TILES_PER_PROGRAM consecutive BK-tiles and write one partial sum each;
+# the W gradient is split over the batch into about GRAD_W_PROGRAMS programs.
+GRAD_W_PROGRAMS = 8192
 WSUM_TILES_PER_PROGRAM = 4
 
 
@@ -107,9 +109,9 @@ if triton is not None:
         for j in range(0, J):
             x = tl.load(x_ptr + offs_b[:, None] * JD + j * D + d[None, :], mask=mb[:, None] & (d[None, :] < D),
                         other=0.0)  # (BB, DP)
-            w = tl.load(w_ptr + col[:, None] * JD + j * D + d[None, :], mask=mcol[:, None] & (d[None, :] < D),
-                        other=0.0)  # (BK, DP)
-            y = tl.dot(x, tl.trans(w), input_precision=PREC)  # (BB, BK): (W_ij^T x_j)[k] per column
+            wt = tl.load(w_ptr + col[None, :] * JD + j * D + d[:, None], mask=mcol[None, :] & (d[:, None] < D),
+                         other=0.0)  # (DP, BK), loaded transposed
+            y = tl.dot(x, wt, input_precision=PREC)  # (BB, BK): (W_ij^T x_j)[k] per column
             a = tl.sum(tl.reshape(y * u, (BB, BI, KP)), axis=2)  # (BB, BI)
             tl.store(out_ptr + offs_b[:, None] * (J * NI) + j * NI + offs_i[None, :], a,
                      mask=mb[:, None] & (offs_i[None, :] < NI))
@@ -119,27 +121,27 @@ if triton is not None:
                      UNIFORM: tl.constexpr, K8: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                      BB: tl.constexpr, BK: tl.constexpr, TILES: tl.constexpr, PREC: tl.constexpr):
         pid_c = tl.program_id(1)
+        j = tl.program_id(2)
         offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
         mb = offs_b < B
         d = tl.arange(0, DP)
         JD = J * D
-        for j in range(0, J):
-            acc = tl.zeros((BB, DP), dtype=w_ptr.dtype.element_ty)
-            for t in range(0, TILES):
-                col = (pid_c * TILES + t) * BK + tl.arange(0, BK)
-                mcol = col < NI * K8
-                m = mb[:, None] & mcol[None, :]
-                z = tl.load(u_ptr + offs_b[:, None] * (NI * K8) + col[None, :], mask=m, other=0.0)  # (BB, BK)
-                if not UNIFORM:
-                    z = z * tl.load(c_ptr + offs_b[:, None] * (J * NI) + j * NI + (col // K8)[None, :], mask=m,
-                                    other=0.0)
-                w = tl.load(w_ptr + col[:, None] * JD + j * D + d[None, :], mask=mcol[:, None] & (d[None, :] < D),
-                            other=0.0)  # (BK, DP)
-                acc = tl.dot(z, w, acc, input_precision=PREC)
-            if UNIFORM:  # divide by the integer J: a float argument would arrive as float32
-                acc = acc / J
-            tl.store(out_ptr + pid_c * (B * JD) + offs_b[:, None] * JD + j * D + d[None, :], acc,
-                     mask=mb[:, None] & (d[None, :] < D))
+        acc = tl.zeros((BB, DP), dtype=w_ptr.dtype.element_ty)
+        for t in range(0, TILES):
+            col = (pid_c * TILES + t) * BK + tl.arange(0, BK)
+            mcol = col < NI * K8
+            m = mb[:, None] & mcol[None, :]
+            z = tl.load(u_ptr + offs_b[:, None] * (NI * K8) + col[None, :], mask=m, other=0.0)  # (BB, BK)
+            if not UNIFORM:
+                z = z * tl.load(c_ptr + offs_b[:, None] * (J * NI) + j * NI + (col // K8)[None, :], mask=m,
+                                other=0.0)
+            w = tl.load(w_ptr + col[:, None] * JD + j * D + d[None, :], mask=mcol[:, None] & (d[None, :] < D),
+                        other=0.0)  # (BK, DP)
+            acc = tl.dot(z, w, acc, input_precision=PREC)
+        if UNIFORM:  # divide by the integer J: a float argument would arrive as float32
+            acc = acc / J
+        tl.store(out_ptr + pid_c * (B * JD) + offs_b[:, None] * JD + j * D + d[None, :], acc,
+                 mask=mb[:, None] & (d[None, :] < D))
 
     @triton.jit
     def _grad_u_kernel(alpha_ptr, beta_ptr, w_ptr, out_ptr, B, NI, J,
@@ -155,9 +157,8 @@ if triton is not None:
         JD = J * D
         acc = tl.zeros((BB, BK), dtype=w_ptr.dtype.element_ty)
         for j in range(0, J):
-            w = tl.load(w_ptr + col[:, None] * JD + j * D + d[None, :], mask=mcol[:, None] & (d[None, :] < D),
-                        other=0.0)  # (BK, DP)
-            wt = tl.trans(w)
+            wt = tl.load(w_ptr + col[None, :] * JD + j * D + d[:, None], mask=mcol[None, :] & (d[:, None] < D),
+                         other=0.0)  # (DP, BK), loaded transposed
             for t in range(0, T):
                 bt = tl.load(beta_ptr + t * (B * JD) + offs_b[:, None] * JD + j * D + d[None, :],
                              mask=mb[:, None] & (d[None, :] < D), other=0.0)  # (BB, DP)
@@ -169,26 +170,29 @@ if triton is not None:
     @triton.jit
     def _grad_w_kernel(alpha_ptr, beta_ptr, u_ptr, out_ptr, B, NI, J,
                        T: tl.constexpr, K8: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                       BB: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-        # d W[c, j, :] = sum_b u[b, c] sum_t alpha_t[b, j, i(c)] beta_t[b, j, :]
+                       BB: tl.constexpr, BK: tl.constexpr, BTILES: tl.constexpr, PREC: tl.constexpr):
+        # d W[c, j, :] = sum_b u[b, c] sum_t alpha_t[b, j, i(c)] beta_t[b, j, :], over the
+        # BTILES batch tiles of split program_id(2); out holds one partial sum per split.
         col = tl.program_id(0) * BK + tl.arange(0, BK)
         j = tl.program_id(1)
+        split = tl.program_id(2)
         mcol = col < NI * K8
         d = tl.arange(0, DP)
         JD = J * D
-        acc = tl.zeros((BK, DP), dtype=u_ptr.dtype.element_ty)
-        for b0 in range(0, B, BB):
-            offs_b = b0 + tl.arange(0, BB)
+        acc = tl.zeros((DP, BK), dtype=u_ptr.dtype.element_ty)  # transposed: (d, column)
+        for bt_i in range(0, BTILES):
+            offs_b = (split * BTILES + bt_i) * BB + tl.arange(0, BB)
             mb = offs_b < B
             m = mb[:, None] & mcol[None, :]
             u = tl.load(u_ptr + offs_b[:, None] * (NI * K8) + col[None, :], mask=m, other=0.0)  # (BB, BK)
             for t in range(0, T):
                 a = tl.load(alpha_ptr + t * (B * J * NI) + offs_b[:, None] * (J * NI) + j * NI + (col // K8)[None, :],
                             mask=m, other=0.0)
-                bt = tl.load(beta_ptr + t * (B * JD) + offs_b[:, None] * JD + j * D + d[None, :],
-                             mask=mb[:, None] & (d[None, :] < D), other=0.0)  # (BB, DP)
-                acc = tl.dot(tl.trans(u * a), bt, acc, input_precision=PREC)
-        tl.store(out_ptr + col[:, None] * JD + j * D + d[None, :], acc, mask=mcol[:, None] & (d[None, :] < D))
+                btt = tl.load(beta_ptr + t * (B * JD) + offs_b[None, :] * JD + j * D + d[:, None],
+                              mask=mb[None, :] & (d[:, None] < D), other=0.0)  # (DP, BB), loaded transposed
+                acc = tl.dot(btt, u * a, acc, input_precision=PREC)
+        tl.store(out_ptr + split * (NI * K8 * JD) + col[None, :] * JD + j * D + d[:, None], acc,
+                 mask=mcol[None, :] & (d[:, None] < D))
 
 
 class _Shapes:
@@ -223,7 +227,7 @@ def _wsum(u, W, c, sh: _Shapes) -> torch.Tensor:
     per = sh.BK * WSUM_TILES_PER_PROGRAM
     n = triton.cdiv(sh.NI * sh.K8, per)
     part = u.new_empty(n, sh.B, sh.J, sh.D)
-    grid = (triton.cdiv(sh.B, sh.BB), n)
+    grid = (triton.cdiv(sh.B, sh.BB), n, sh.J)
     _wsum_kernel[grid](u, W, u if c is None else c.contiguous(), part, sh.B, sh.NI, sh.J,
                        UNIFORM=c is None, TILES=WSUM_TILES_PER_PROGRAM, **sh.consts())
     return part[0] if n == 1 else part.sum(dim=0)
@@ -232,11 +236,16 @@ def _wsum(u, W, c, sh: _Shapes) -> torch.Tensor:
 def _grads(u, W, alpha, beta, sh: _Shapes) -> tuple[torch.Tensor, torch.Tensor]:
     T = alpha.shape[0]
     gu = torch.empty_like(u)
-    gw = torch.empty_like(W)
     n_cols = triton.cdiv(sh.NI * sh.K8, sh.BK)
-    _grad_u_kernel[(triton.cdiv(sh.B, sh.BB), n_cols)](alpha, beta, W, gu, sh.B, sh.NI, sh.J, T=T, **sh.consts())
-    _grad_w_kernel[(n_cols, sh.J)](alpha, beta, u, gw, sh.B, sh.NI, sh.J, T=T, **sh.consts())
-    return gu, gw
+    n_btiles = triton.cdiv(sh.B, sh.BB)
+    _grad_u_kernel[(n_btiles, n_cols)](alpha, beta, W, gu, sh.B, sh.NI, sh.J, T=T, **sh.consts())
+    # the W gradient sums over the batch: split it so that there are enough programs
+    splits = max(1, min(n_btiles, GRAD_W_PROGRAMS // (n_cols * sh.J)))
+    per = triton.cdiv(n_btiles, splits)
+    splits = triton.cdiv(n_btiles, per)
+    gw = W.new_empty((splits,) + tuple(W.shape))
+    _grad_w_kernel[(n_cols, sh.J, splits)](alpha, beta, u, gw, sh.B, sh.NI, sh.J, T=T, BTILES=per, **sh.consts())
+    return gu, (gw[0] if splits == 1 else gw.sum(dim=0))
 
 
 class _FusedRouting(torch.autograd.Function):
