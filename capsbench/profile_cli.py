@@ -134,7 +134,7 @@ def add_commands(sub, add_common) -> None:
     )
     s.add_argument("--model", default="capsnet")
     s.add_argument("--variants", default="fp32,bf16,bf16_cl,bf16_cl_graph",
-                   help="comma-separated: fp32, bf16, bf16_cl, bf16_cl_graph, bf16_cl_compile "
+                   help="comma-separated: fp32, fp32_cl, bf16, bf16_cl, bf16_cl_graph, bf16_cl_compile "
                         "(bf16 and later need CUDA, except bf16 autocast also runs on CPU)")
     s.add_argument("--batch-sizes", type=_int_list, default=None, help="default 128,512,1024 on CUDA, 32 on CPU")
     s.add_argument("--budget", type=_positive_float, default=2.0, help="seconds of timed repeats per configuration")

@@ -12,7 +12,7 @@ from capsbench.errors import ConfigError
 from capsbench.models import create_model
 from capsbench.models.capsnet import dynamic_routing
 from capsbench.runner import SpeedOptions, TrainConfig, build_step, make_optimizer, train
-from capsbench.speed import run_speed
+from capsbench.speed import parse_variant, run_speed
 
 
 def _cuda() -> torch.device:
@@ -73,11 +73,13 @@ def test_cuda_only_speed_options_are_refused_on_the_cpu():
 
 
 def test_speed_bench_on_the_cpu(data_root):
-    rows = run_speed("capsnet", ["fp32", "bf16_cl_graph"], [4], torch.device("cpu"), data_root=data_root,
+    rows = run_speed("capsnet", ["fp32", "fp32_cl", "bf16_cl_graph"], [4], torch.device("cpu"), data_root=data_root,
                      budget_s=0.05, infer_batch=8, log=lambda m: None)
-    ok, refused = rows
-    assert ok["images_per_s_train"] > 0 and ok["images_per_s_inference"] > 0
-    assert 0 < ok["routing_share"] < 1 and ok["batch_size"] == 4
+    ok, ok_cl, refused = rows
+    for r in (ok, ok_cl):
+        assert r["images_per_s_train"] > 0 and r["images_per_s_inference"] > 0
+        assert 0 < r["routing_share"] < 1 and r["batch_size"] == 4 and r["routing"] == "torch"
+    assert parse_variant("fp32_cl") == {"bf16": False, "channels_last": True, "graph": False, "compile": False}
     assert "needs a CUDA device" in refused["error"]  # a row with the reason, not a crash
 
 

@@ -84,7 +84,7 @@ def _route_forward(u_hat: torch.Tensor, iterations: int):
     ss, vs, cs = [s], [v], [None]
     b = None
     for _ in range(1, iterations):
-        agree = torch.matmul(u_hat, v.unsqueeze(-1)).squeeze(-1)  # (B, J, n_in)
+        agree = _agreement(u_hat, v)  # (B, J, n_in)
         b = agree if b is None else b + agree
         c = b.softmax(dim=1)  # over the outputs j: each input's couplings sum to 1
         s = torch.matmul(c.unsqueeze(2), u_hat).squeeze(2)  # (B, J, D)
@@ -93,6 +93,15 @@ def _route_forward(u_hat: torch.Tensor, iterations: int):
         vs.append(v)
         cs.append(c)
     return v, ss, vs, cs
+
+
+def _agreement(u_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """u_hat (B, J, n_in, D) . x (B, J, D) over D -> (B, J, n_in)."""
+    if u_hat.is_cuda:
+        return torch.matmul(u_hat, x.unsqueeze(-1)).squeeze(-1)
+    # On a CPU, BLAS runs the same products as (1 x D) @ (D x n_in) about 3.5x faster than as
+    # matrix-vector products (11 -> 3 ms at batch 100 on the 2-core build machine).
+    return torch.matmul(x.unsqueeze(2), u_hat.transpose(-1, -2)).squeeze(2)
 
 
 def _one_hot(labels: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -148,7 +157,7 @@ class _DynamicRouting(torch.autograd.Function):
             c = cs[t]
             coefs.append(c)
             vecs.append(g_s)
-            g_c = torch.matmul(u_hat, g_s.unsqueeze(-1)).squeeze(-1)  # (B, J, n_in)
+            g_c = _agreement(u_hat, g_s)  # (B, J, n_in)
             g_soft = c * (g_c - (g_c * c).sum(dim=1, keepdim=True))  # softmax over J
             g_b = g_soft if g_b is None else g_b + g_soft
         A = torch.stack(coefs, dim=-1)  # (B, J, n_in, K)
