@@ -341,7 +341,7 @@ def prior_run(tmp_path: Path) -> Path:
         pytest.param(["speed", "--model", "capsnett", "--device", "cpu"], ["'capsnett'", "known models:", "capsnet_r1"],
                      id="speed_model"),
         pytest.param(["speed", "--variants", "fp32,fp16", "--device", "cpu"],
-                     ["'fp16'", "fp32, bf16, bf16_cl, bf16_cl_graph, bf16_cl_compile"], id="speed_variant"),
+                     ["'fp16'", "fp32, fp32_cl, bf16, bf16_cl, bf16_cl_graph, bf16_cl_compile"], id="speed_variant"),
         pytest.param([*TRAIN, "--cuda-graph", "--device", "cpu"], ["--cuda-graph", "CUDA device"], id="train_cuda_graph"),
         pytest.param(["report", "runs/rotation-quick", "--metrics", "accuracy,acuracy"],
                      ["'acuracy'", "--metrics", "valid metrics: accuracy, confidence, unchanged"], id="report_metric"),

@@ -310,7 +310,7 @@ class CapsNet(Classifier):
         # u_hat and routing run in float32 with autocast off: they are a few MFLOP per image,
         # and agreements summed over 1152 inputs for three iterations are where bf16's 8-bit
         # mantissa would hurt. On a GPU this float32 tensor traffic is then the largest part of
-        # the step (reports/gpu-h100): not writing u_hat at all is the fix, not bf16.
+        # the step (reports/gpu-h100); routing_kernel="triton" never writes u_hat at all.
         with torch.autocast(device_type=x.device.type, enabled=False):
             v, c = self.route(u, keep_coupling=keep_coupling)
         v = mark(v, "routing")

@@ -5,7 +5,10 @@ u_hat_{j|i} = W_ij u_i once (B x 10 x 1152 x 16 floats, 737 kB per image) and re
 back in every routing pass, forward and backward. On a GPU that traffic, not arithmetic,
 is what routing costs once the convolutions run in bf16 (reports/gpu-h100). Here u_hat is
 never stored: each kernel reads the 8-D primary capsules u (37 kB per image) and W and
-recomputes its tile of u_hat in registers (2.9 MFLOP per image per pass, cheap on a GPU).
+does its contraction with u_hat as products of tiles of u and W (tl.dot), 2.9 MFLOP per
+image per pass. Status (reports/gpu-h100, session 4): correct, but on an H100 routing only
+7-19% faster than the plain path and the training step no faster, so it is opt-in
+(CapsNet(routing_kernel="triton") or CAPSBENCH_ROUTING=triton).
 
 Every pass of routing, and of its backward, is one of four tile operations:
 
@@ -38,9 +41,9 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-# Tile sizes: a program takes BB images x BK columns of u (BK / 8 input capsules) and loops
-# over the output capsules j, run by `warps` warps with `stages` software-pipeline stages.
-# Chosen on an H100 (reports/gpu-h100); CAPSBENCH_ROUTING_TILES="BB,BK,warps[,stages]"
+# Tile sizes: a program takes BB images x BK columns of u (BK / 8 input capsules), run by
+# `warps` warps with `stages` software-pipeline stages. The fastest of six on an H100 for the
+# previous version of the kernels (reports/gpu-h100); CAPSBENCH_ROUTING_TILES="BB,BK,warps[,stages]"
 # overrides them (powers of two, BB and BK >= 16).
 DEFAULT_TILES = (16, 64, 4, 1)
 # wsum programs cover WSUM_TILES_PER_PROGRAM consecutive BK-tiles and write one partial sum each;

@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1 CAPSBENCH_DATA=${DATA:-$PWD/.devdata} PYTHONPATH=$PWD$
 T0=$(date +%s); el() { echo "[+$(( $(date +%s) - T0 )) s] $*"; }
 python3 -c "import torch, triton; print('torch', torch.__version__, torch.cuda.get_device_name(), 'triton', triton.__version__)"
 el "1. fused routing on CUDA vs the literal procedure"
-timeout ${T_TESTS:-60} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_fused_routing.py 2>&1 | tail -4
+timeout ${T_TESTS:-60} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu --tb=short tests/test_fused_routing.py 2>&1 | tail -40
 el "2. routing fwd+bwd: plain vs fused per tile configuration"
 timeout ${T_TILES:-80} python3 tests/benchmarks/routing_tiles.py --batch-sizes 128,512 --profile \
   --out $OUT/routing_tiles.csv 2>&1 | tee /tmp/tiles.log | grep -v "^capsbench: warning\|Warning\|_warn_once"

@@ -14,12 +14,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'triton', triton.__version__)"
 
 el "1. CUDA correctness tests"
-timeout ${T_TESTS:-110} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
-  tests/test_fused_routing.py tests/test_speed.py tests/test_transforms.py 2>&1 | tail -8
+timeout ${T_TESTS:-110} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu --tb=short \
+  tests/test_fused_routing.py tests/test_speed.py tests/test_transforms.py 2>&1 | tail -40
 
 el "2. routing: plain vs fused, per tile configuration"
 timeout ${T_TILES:-100} python3 tests/benchmarks/routing_tiles.py --batch-sizes 128,512 \
-  --configs ${CONFIGS:-16:16:8,8:16:4,16:16:4,8:32:8,4:32:4,8:16:8} --profile --out $OUT/routing_tiles.csv 2>&1 \
+  ${CONFIGS:+--configs $CONFIGS} --profile --out $OUT/routing_tiles.csv 2>&1 \
   | tee /tmp/tiles.log | grep -v "^capsbench: warning"
 BEST=$(grep '^BEST ' /tmp/tiles.log | awk '{print $2}')
 if [ -n "$BEST" ]; then export CAPSBENCH_ROUTING_TILES=$BEST; el "tiles $BEST"
