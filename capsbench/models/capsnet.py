@@ -70,29 +70,77 @@ def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Ten
     return s * (sq / ((1.0 + sq) * torch.sqrt(sq + eps)))
 
 
-def _route_forward(u_hat: torch.Tensor, iterations: int):
-    """Routing on u_hat laid out as (B, n_out, n_in, d_out); returns v and what backward needs.
+def route_passes(wsum, agree, iterations: int):
+    """Forward recursion of routing, given its two contractions with u_hat (B, J, n_in, D).
 
-    In this layout both contractions of a routing iteration are batched matrix-vector
-    products over contiguous (n_in, d_out) blocks: no broadcast product of u_hat's size is
-    ever materialised, forward or backward.
+    ``wsum(c)``: sum_i c[b, j, i] u_hat[b, j, i, :] -> (B, J, D), with c = None for the uniform
+    couplings 1/J; ``agree(x)``: u_hat[b, j, i, :] . x[b, j, :] -> (B, J, n_in). The plain path
+    passes batched matmuls over a stored u_hat, the fused one kernels that recompute it.
+    Returns v and what :func:`route_backward_terms` needs (every s, v and coupling c).
     """
-    B, J, n_in, D = u_hat.shape
-    # Iteration 0: b = 0 so every coupling is 1/J; s is the plain mean over inputs / J.
-    s = u_hat.sum(dim=2) / J  # (B, J, D)
+    s = wsum(None)  # iteration 0: b = 0, so every coupling is 1/J
     v = squash(s)
     ss, vs, cs = [s], [v], [None]
     b = None
     for _ in range(1, iterations):
-        agree = _agreement(u_hat, v)  # (B, J, n_in)
-        b = agree if b is None else b + agree
+        a = agree(v)  # (B, J, n_in)
+        b = a if b is None else b + a
         c = b.softmax(dim=1)  # over the outputs j: each input's couplings sum to 1
-        s = torch.matmul(c.unsqueeze(2), u_hat).squeeze(2)  # (B, J, D)
+        s = wsum(c)
         v = squash(s)
         ss.append(s)
         vs.append(v)
         cs.append(c)
     return v, ss, vs, cs
+
+
+def route_backward_terms(grad_v, ss, vs, cs, wsum, agree, uniform: torch.Tensor):
+    """Backward of :func:`route_passes`: d loss / d u_hat = sum_t alphas[t] (x) betas[t].
+
+    alphas[t] (B, J, n_in) and betas[t] (B, J, D), 2r - 1 terms; ``uniform`` is the (B, J, n_in)
+    tensor of 1/J (the first iteration's couplings). The small per-iteration tensors (squash,
+    softmax) are differentiated exactly; the contractions with u_hat go through wsum / agree.
+    """
+    r = len(ss)
+    alphas, betas = [], []
+    g_b = None  # gradient w.r.t. b_{t+1} (equal to that w.r.t. the agreement a_t)
+    for t in range(r - 1, -1, -1):
+        if t == r - 1:
+            g_v = grad_v
+        else:
+            g_v = wsum(g_b)  # (B, J, D)
+            alphas.append(g_b)
+            betas.append(vs[t])
+        with torch.enable_grad():
+            s_t = ss[t].detach().requires_grad_()
+            (g_s,) = torch.autograd.grad(squash(s_t), s_t, g_v)
+        if t == 0:
+            alphas.append(uniform)
+            betas.append(g_s)
+            break
+        c = cs[t]
+        alphas.append(c)
+        betas.append(g_s)
+        g_c = agree(g_s)  # (B, J, n_in)
+        g_soft = c * (g_c - (g_c * c).sum(dim=1, keepdim=True))  # softmax over J
+        g_b = g_soft if g_b is None else g_b + g_soft
+    return alphas, betas
+
+
+def _plain_contractions(u_hat: torch.Tensor):
+    """wsum and agree of :func:`route_passes` for u_hat stored as (B, n_out, n_in, d_out).
+
+    In this layout both are batched matrix-vector products over contiguous (n_in, d_out)
+    blocks: no broadcast product of u_hat's size is ever materialised, forward or backward.
+    """
+    J = u_hat.shape[1]
+
+    def wsum(c):
+        if c is None:
+            return u_hat.sum(dim=2) / J
+        return torch.matmul(c.unsqueeze(2), u_hat).squeeze(2)
+
+    return wsum, lambda x: _agreement(u_hat, x)
 
 
 def _agreement(u_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +161,7 @@ def _one_hot(labels: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
 class _DynamicRouting(torch.autograd.Function):
     """Routing with a hand-written backward.
 
-    Autograd's own backward for the loop above writes one u_hat-sized outer product per
+    Autograd's own backward for the loop of route_passes writes one u_hat-sized outer product per
     use of u_hat and adds them up; here the gradient of u_hat is gathered as
     sum_t c_t (x) g_s_t + sum_t g_a_t (x) v_t and written once, by one batched matmul with
     an inner dimension of 2r - 1. The small per-iteration tensors (squash, softmax) are
@@ -122,7 +170,7 @@ class _DynamicRouting(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u_hat: torch.Tensor, iterations: int):
-        v, ss, vs, cs = _route_forward(u_hat, iterations)
+        v, ss, vs, cs = route_passes(*_plain_contractions(u_hat), iterations)
         ctx.iterations = iterations
         ctx.save_for_backward(u_hat, *ss, *vs, *cs[1:])
         c_last = cs[-1] if cs[-1] is not None else torch.full_like(u_hat[..., 0], 1.0 / u_hat.shape[1])
@@ -137,29 +185,8 @@ class _DynamicRouting(torch.autograd.Function):
         ss = saved[1 : 1 + r]
         vs = saved[1 + r : 1 + 2 * r]
         cs = (None,) + tuple(saved[1 + 2 * r :])
-        J = u_hat.shape[1]
-        coefs, vecs = [], []  # grad u_hat = sum_k coefs[k] (B,J,n_in) (x) vecs[k] (B,J,D)
-        g_b = None  # gradient w.r.t. b_{t+1} (equal to that w.r.t. the agreement a_t)
-        for t in range(r - 1, -1, -1):
-            if t == r - 1:
-                g_v = grad_v
-            else:
-                g_v = torch.matmul(g_b.unsqueeze(2), u_hat).squeeze(2)  # (B, J, D)
-                coefs.append(g_b)
-                vecs.append(vs[t])
-            with torch.enable_grad():
-                s_t = ss[t].detach().requires_grad_()
-                (g_s,) = torch.autograd.grad(squash(s_t), s_t, g_v)
-            if t == 0:
-                coefs.append(u_hat.new_full(u_hat.shape[:3], 1.0 / J))
-                vecs.append(g_s)
-                break
-            c = cs[t]
-            coefs.append(c)
-            vecs.append(g_s)
-            g_c = _agreement(u_hat, g_s)  # (B, J, n_in)
-            g_soft = c * (g_c - (g_c * c).sum(dim=1, keepdim=True))  # softmax over J
-            g_b = g_soft if g_b is None else g_b + g_soft
+        uniform = u_hat.new_full(u_hat.shape[:3], 1.0 / u_hat.shape[1])
+        coefs, vecs = route_backward_terms(grad_v, ss, vs, cs, *_plain_contractions(u_hat), uniform)
         A = torch.stack(coefs, dim=-1)  # (B, J, n_in, K)
         G = torch.stack(vecs, dim=-2)  # (B, J, K, D)
         return torch.matmul(A, G), None  # (B, J, n_in, D)

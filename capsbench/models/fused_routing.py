@@ -236,6 +236,11 @@ def _wsum(u, W, c, sh: _Shapes) -> torch.Tensor:
     return part[0] if n == 1 else part.sum(dim=0)
 
 
+def _contractions(u, W, sh: _Shapes):
+    """wsum and agree of capsnet.route_passes, as kernels."""
+    return (lambda c: _wsum(u, W, c, sh)), (lambda x: _agree(u, W, x, sh))
+
+
 def _grads(u, W, alpha, beta, sh: _Shapes) -> tuple[torch.Tensor, torch.Tensor]:
     T = alpha.shape[0]
     gu = torch.empty_like(u)
@@ -252,25 +257,15 @@ def _grads(u, W, alpha, beta, sh: _Shapes) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _FusedRouting(torch.autograd.Function):
+    # capsnet.route_passes / route_backward_terms with every contraction against u_hat done
+    # by a kernel that recomputes u_hat.
     @staticmethod
     def forward(ctx, u: torch.Tensor, W: torch.Tensor, n_out: int, iterations: int):
-        from capsbench.models.capsnet import squash
+        from capsbench.models.capsnet import route_passes
 
         u, W = u.contiguous(), W.contiguous()
         sh = _Shapes(u, W, n_out)
-        s = _wsum(u, W, None, sh)  # iteration 0: every coupling is 1 / J
-        v = squash(s)
-        ss, vs, cs = [s], [v], [None]
-        b = None
-        for _ in range(1, iterations):
-            agree = _agree(u, W, v, sh)  # (B, J, NI)
-            b = agree if b is None else b + agree
-            c = b.softmax(dim=1)
-            s = _wsum(u, W, c, sh)
-            v = squash(s)
-            ss.append(s)
-            vs.append(v)
-            cs.append(c)
+        v, ss, vs, cs = route_passes(*_contractions(u, W, sh), iterations)
         ctx.iterations, ctx.sh = iterations, sh
         ctx.save_for_backward(u, W, *ss, *vs, *cs[1:])
         c_last = cs[-1] if cs[-1] is not None else u.new_full((sh.B, sh.J, sh.NI), 1.0 / sh.J)
@@ -279,9 +274,7 @@ class _FusedRouting(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_v: torch.Tensor, _grad_c):
-        # The same recursion as capsnet._DynamicRouting.backward, with every contraction
-        # against u_hat done by a kernel that recomputes u_hat.
-        from capsbench.models.capsnet import squash
+        from capsbench.models.capsnet import route_backward_terms
 
         r, sh = ctx.iterations, ctx.sh
         saved = ctx.saved_tensors
@@ -289,28 +282,8 @@ class _FusedRouting(torch.autograd.Function):
         ss = saved[2 : 2 + r]
         vs = saved[2 + r : 2 + 2 * r]
         cs = (None,) + tuple(saved[2 + 2 * r :])
-        alphas, betas = [], []  # d loss / d u_hat = sum_t alphas[t] (B,J,NI) (x) betas[t] (B,J,D)
-        g_b = None
-        for t in range(r - 1, -1, -1):
-            if t == r - 1:
-                g_v = grad_v
-            else:
-                g_v = _wsum(u, W, g_b, sh)
-                alphas.append(g_b)
-                betas.append(vs[t])
-            with torch.enable_grad():
-                s_t = ss[t].detach().requires_grad_()
-                (g_s,) = torch.autograd.grad(squash(s_t), s_t, g_v)
-            if t == 0:
-                alphas.append(u.new_full((sh.B, sh.J, sh.NI), 1.0 / sh.J))
-                betas.append(g_s)
-                break
-            c = cs[t]
-            alphas.append(c)
-            betas.append(g_s)
-            g_c = _agree(u, W, g_s, sh)  # (B, J, NI)
-            g_soft = c * (g_c - (g_c * c).sum(dim=1, keepdim=True))
-            g_b = g_soft if g_b is None else g_b + g_soft
+        uniform = u.new_full((sh.B, sh.J, sh.NI), 1.0 / sh.J)
+        alphas, betas = route_backward_terms(grad_v, ss, vs, cs, *_contractions(u, W, sh), uniform)
         alpha = torch.stack(alphas).contiguous()  # (T, B, J, NI)
         beta = torch.stack([b.contiguous() for b in betas]).contiguous()  # (T, B, J, D)
         gu, gw = _grads(u, W, alpha, beta, sh)
