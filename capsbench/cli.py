@@ -333,6 +333,33 @@ def _set_threads() -> None:
     torch.set_num_threads(n)
 
 
+def _check_routing(args: argparse.Namespace) -> None:
+    """CAPSBENCH_ROUTING, --routing and CAPSBENCH_ROUTING_TILES: known values, and the fused
+    kernels only on a CUDA device, before a command starts rather than at its first step."""
+    from capsbench.models import fused_routing
+    from capsbench.models.capsnet import ROUTING_KERNELS
+
+    env = os.environ.get("CAPSBENCH_ROUTING") or "auto"
+    if env not in ROUTING_KERNELS:
+        raise ConfigError(f"CAPSBENCH_ROUTING must be one of {', '.join(ROUTING_KERNELS)}, got {env!r}; "
+                          "unset it for the default routing")
+    kernel = getattr(args, "routing", "auto")
+    kernel = env if kernel == "auto" else kernel
+    if kernel != "triton":
+        return
+    device = getattr(args, "device", None)
+    if device is not None:
+        from capsbench.runner import resolve_device
+
+        if resolve_device(device).type != "cuda" or fused_routing.triton is None:
+            raise ConfigError(f"the fused routing kernels (--routing triton or CAPSBENCH_ROUTING=triton) need a "
+                              f"CUDA device and Triton; got --device {device}; use the default routing instead")
+    try:
+        fused_routing._tiles()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _replay(caught: Sequence[warnings.WarningMessage]) -> None:
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
@@ -406,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     caught: list[warnings.WarningMessage] = []
     try:
         _set_threads()
+        _check_routing(args)
         with warnings.catch_warnings(record=True) as caught:
             _preflight(args)
         _replay(caught)

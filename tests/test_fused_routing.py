@@ -104,6 +104,25 @@ def test_bad_tile_override_names_the_variable(monkeypatch):
         _tiles()
 
 
+@pytest.mark.parametrize("env, argv, needles", [
+    ({"CAPSBENCH_ROUTING": "fast"}, ["train", "--model", "capsnet", "--device", "cpu"],
+     ["CAPSBENCH_ROUTING must be one of auto, torch, triton", "'fast'"]),
+    ({"CAPSBENCH_ROUTING": "triton"}, ["train", "--model", "capsnet", "--device", "cpu"],
+     ["need a CUDA device", "--device cpu"]),
+    ({}, ["speed", "--routing", "triton", "--device", "cpu"], ["--routing triton", "need a CUDA device"]),
+])
+def test_routing_choices_are_checked_before_a_command_starts(env, argv, needles, monkeypatch, capsys, tmp_path):
+    from capsbench.cli import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rc = main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("capsbench: error: "), err
+    assert all(n in err[0] for n in needles), err[0]
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
 def _cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.fail("the gpu tier needs a CUDA device")
