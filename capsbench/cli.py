@@ -334,11 +334,15 @@ def _set_threads() -> None:
 
 
 def _check_routing(args: argparse.Namespace) -> None:
-    """CAPSBENCH_ROUTING, --routing and CAPSBENCH_ROUTING_TILES: known values, and the fused
+    """CAPSBENCH_CONV, CAPSBENCH_ROUTING, --routing and CAPSBENCH_ROUTING_TILES: known values, and the fused
     kernels only on a CUDA device, before a command starts rather than at its first step."""
     from capsbench.models import fused_routing
-    from capsbench.models.capsnet import ROUTING_KERNELS
+    from capsbench.models.capsnet import CONV_IMPLS, ROUTING_KERNELS
 
+    conv = os.environ.get("CAPSBENCH_CONV") or "auto"
+    if conv not in CONV_IMPLS:
+        raise ConfigError(f"CAPSBENCH_CONV must be one of {', '.join(CONV_IMPLS)}, got {conv!r}; "
+                          "unset it for the default convolutions")
     env = os.environ.get("CAPSBENCH_ROUTING") or "auto"
     if env not in ROUTING_KERNELS:
         raise ConfigError(f"CAPSBENCH_ROUTING must be one of {', '.join(ROUTING_KERNELS)}, got {env!r}; "

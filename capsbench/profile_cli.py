@@ -85,7 +85,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
     rows = run_speed(args.model, variants, batch_sizes, dev, data_root=args.data_root, budget_s=args.budget,
                      infer_batch=args.infer_batch, epoch=args.epoch, deadline_s=args.deadline, log=log,
-                     routing=args.routing)
+                     routing=args.routing, conv_impl=args.conv_impl)
     write_rows(rows, out, {"command": "capsbench " + " ".join(sys.argv[1:]),
                            "environment": environment_info(dev)})
     print(format_rows(rows))
@@ -145,5 +145,9 @@ def add_commands(sub, add_common) -> None:
     s.add_argument("--routing", choices=("auto", "torch", "triton"), default="auto",
                    help="CapsNet routing: auto (= torch unless $CAPSBENCH_ROUTING says otherwise), torch (u_hat + "
                         "batched matmuls) or triton (fused kernels, CUDA only)")
+    s.add_argument("--conv", dest="conv_impl", choices=("auto", "direct", "fft"), default="auto",
+                   help="CapsNet's convolutions: auto (= fft for float32 CPU training steps on 28x28 inputs, direct "
+                        "otherwise, unless $CAPSBENCH_CONV says otherwise), direct (F.conv2d) or fft (Conv1 by GEMM, "
+                        "PrimaryCaps by FFT; models/fft_conv.py)")
     add_common(s)
     s.set_defaults(func=cmd_speed)

@@ -192,13 +192,18 @@ def count_flops(model: torch.nn.Module, train: bool, batch_size: int = FLOP_BATC
     convolutions).
     ``train=True``: ``model.train()``, forward + ``model.loss`` + backward (the optimizer is not
     counted); ``train=False``: ``model.eval()`` under ``torch.no_grad``. Gradients are cleared
-    afterwards and the model's train/eval mode is restored.
+    afterwards and the model's train/eval mode is restored. The count is the architecture's:
+    CapsNet is counted with its direct convolutions (``conv_impl="direct"``), whichever
+    implementation its steps would take on this device (models/fft_conv.py does less).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
     x, y = _batch(model, batch_size, device, seed=1)
     was_training = model.training
+    conv_impl = getattr(model, "conv_impl", None)
+    if conv_impl is not None:
+        model.conv_impl = "direct"
     try:
         if train:
             model.train()
@@ -213,6 +218,8 @@ def count_flops(model: torch.nn.Module, train: bool, batch_size: int = FLOP_BATC
                 model(x)
     finally:
         model.train(was_training)
+        if conv_impl is not None:
+            model.conv_impl = conv_impl
     by_op = {str(op): n / batch_size for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return counter.get_total_flops() / batch_size, by_op
 

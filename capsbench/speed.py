@@ -25,7 +25,10 @@ Variants (``--variants``, comma-separated):
 
 ``--routing`` picks CapsNet's routing (``auto``: u_hat and batched matmuls unless
 $CAPSBENCH_ROUTING says otherwise; ``torch``; ``triton``: the fused kernels of
-models/fused_routing.py, CUDA only); the ``routing`` column says which ran.
+models/fused_routing.py, CUDA only); the ``routing`` column says which ran. ``--conv``
+likewise picks CapsNet's convolutions (``auto``: Conv1 as one GEMM and PrimaryCaps through the
+DFT, models/fft_conv.py, for float32 CPU training steps on 28x28 inputs, F.conv2d otherwise;
+``direct``; ``fft``); the ``conv_impl`` column says which the training step ran.
 
 Rows per (variant, batch size): ``images_per_s_train`` (batch / median step time),
 ``time_train_step_s``, ``images_per_s_inference`` (eval mode, same precision and layout,
@@ -131,6 +134,7 @@ def measure(
     epoch: bool = False,
     log: Callable[[str], None] = print,
     routing: str = "auto",
+    conv_impl: str = "auto",
 ) -> dict[str, Any]:
     """One (variant, batch size): the row of numbers described in the module docstring."""
     opts = parse_variant(variant)
@@ -140,6 +144,7 @@ def measure(
     model = create_model(model_name).to(device)
     if hasattr(model, "routing_kernel"):
         model.routing_kernel = routing
+        model.conv_impl = conv_impl
     if opts["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -149,6 +154,8 @@ def measure(
     if hasattr(model, "uses_fused_routing"):
         u = torch.zeros(1, 1, 1, device=device)
         row["routing"] = "triton" if model.uses_fused_routing(u) else "torch"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
+            row["conv_impl"] = "fft" if model.uses_fft_conv(x0) else "direct"
     t0 = time.perf_counter()
     # the runner's own step: graph capture happens here, compilation in the first call
     step = build_step(model, opt, device, opts["bf16"],
@@ -165,7 +172,7 @@ def measure(
         return step(xb, yb)[0]
 
     t = time_fn(one, device, repeats=10, warmup=3, budget_s=budget_s)
-    loss = float(one())
+    loss = float(one().detach())
     if not math.isfinite(loss):
         raise RuntimeError(f"{model_name} {variant} at batch {batch_size}: loss became {loss}")
     row.update(time_train_step_s=t.median, images_per_s_train=batch_size / t.median, loss=loss)
@@ -209,6 +216,7 @@ def run_speed(
     deadline_s: float | None = None,
     log: Callable[[str], None] = print,
     routing: str = "auto",
+    conv_impl: str = "auto",
 ) -> list[dict[str, Any]]:
     """Every (variant, batch size); a failing one gives a row with its error and the rest go on.
 
@@ -233,7 +241,7 @@ def run_speed(
                 continue
             try:
                 rows.append(measure(model_name, variant, bs, data, device, budget_s, infer_batch, epoch, log,
-                                    routing=routing))
+                                    routing=routing, conv_impl=conv_impl))
                 if device.type == "cuda":  # the last configuration's graph and buffers are gone now
                     torch.cuda.empty_cache()
             except Exception as e:  # one variant failing (a capture, a compiler) must not lose the rest
@@ -246,7 +254,7 @@ def run_speed(
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
-    cols = ["variant", "routing", "batch_size", "images_per_s_train", "epoch_s", "images_per_s_inference",
+    cols = ["variant", "routing", "conv_impl", "batch_size", "images_per_s_train", "epoch_s", "images_per_s_inference",
             "routing_share", "build_s"]
     lines = [" | ".join(cols)]
     for r in rows:

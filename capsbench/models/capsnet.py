@@ -47,6 +47,7 @@ from torch import nn
 
 from capsbench.models import fused_routing as fused_routing_module
 from capsbench.models.base import Classifier, ModelOutput, mark
+from capsbench.models.fft_conv import fft_conv2d, gemm_conv2d
 from capsbench.models.registry import register_model
 
 SQUASH_EPS = 1e-7
@@ -56,6 +57,14 @@ SQUASH_EPS = 1e-7
 # but the whole training step no faster (reports/gpu-h100/README.md). The environment
 # variable CAPSBENCH_ROUTING overrides "auto" (CAPSBENCH_ROUTING=triton to use the kernels).
 ROUTING_KERNELS = ("auto", "torch", "triton")
+# How the two convolutions run: "direct" is F.conv2d (oneDNN / cuDNN); "fft" runs PrimaryCaps
+# as per-frequency complex matrix products (a third of the arithmetic) and Conv1 as one im2col
+# GEMM (models/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" for
+# CPU training steps in float32 on inputs up to FFT_CONV_MAX_INPUT pixels a side (MNIST's 28x28),
+# where it measured faster (README, Speed), and "direct" everywhere else (GPUs, autocast,
+# inference, affNIST's 40x40). The environment variable CAPSBENCH_CONV overrides "auto".
+CONV_IMPLS = ("auto", "direct", "fft")
+FFT_CONV_MAX_INPUT = 28
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
@@ -225,6 +234,8 @@ class CapsNet(Classifier):
         recon_weight: scale of the reconstruction loss.
         routing_kernel: "auto" (batched matmuls; $CAPSBENCH_ROUTING overrides it), "torch" or
             "triton" (fused kernels, CUDA); see ROUTING_KERNELS. Same results to float32 rounding.
+        conv_impl: "auto" ($CAPSBENCH_CONV overrides it), "direct" or "fft" (Conv1 by GEMM,
+            PrimaryCaps by FFT); see CONV_IMPLS. Same results to float32 rounding.
 
     Example:
         >>> m = CapsNet()
@@ -252,13 +263,17 @@ class CapsNet(Classifier):
         m_minus: float = 0.1,
         lambda_: float = 0.5,
         routing_kernel: str = "auto",
+        conv_impl: str = "auto",
     ) -> None:
         super().__init__(num_classes=num_classes, input_size=input_size)
         if routing_iters < 1:
             raise ValueError(f"routing_iters must be >= 1, got {routing_iters}")
         if routing_kernel not in ROUTING_KERNELS:
             raise ValueError(f"routing_kernel must be one of {', '.join(ROUTING_KERNELS)}, got {routing_kernel!r}")
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
         self.routing_kernel = routing_kernel
+        self.conv_impl = conv_impl
         self.routing_iters = 1 if uniform_coupling else routing_iters
         self.uniform_coupling = uniform_coupling
         self.recon_weight = recon_weight
@@ -288,8 +303,14 @@ class CapsNet(Classifier):
 
     # The stages are separate methods so the profiler can time each one.
     def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
-        h = mark(F.relu(self.conv1(x), inplace=True), "conv1")  # (B, 256, H1, W1)
-        p = self.primary(h)  # (B, 32*8, G, G), NCHW or channels_last
+        if self.uses_fft_conv(x):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                w1, w = self.conv1.weight, self.primary.weight
+                h = mark(gemm_conv2d(x.to(w1.dtype), w1, self.conv1.bias, relu=True), "conv1")
+                p = fft_conv2d(h.to(w.dtype), w, self.primary.bias, stride=self.primary.stride[0])
+        else:
+            h = mark(F.relu(self.conv1(x), inplace=True), "conv1")  # (B, 256, H1, W1)
+            p = self.primary(h)  # (B, 32*8, G, G), NCHW or channels_last
         B = p.shape[0]
         # channel c*8 + k at (gy, gx) is component k of capsule (c, gy, gx); unflatten is a
         # view in either memory layout
@@ -305,6 +326,19 @@ class CapsNet(Classifier):
         u_hat = u_hat.view(self.num_primary, B, self.num_classes, self.digit_dim)
         # routing wants (B, n_out, n_in, 16) contiguous: one copy here saves many later
         return mark(u_hat.permute(1, 2, 0, 3).contiguous(), "u_hat")
+
+    def uses_fft_conv(self, x: torch.Tensor) -> bool:
+        """Whether the convolutions run as GEMM (Conv1) and FFT (PrimaryCaps) on input ``x`` (CONV_IMPLS)."""
+        kind = self.conv_impl
+        if kind == "auto":
+            kind = os.environ.get("CAPSBENCH_CONV") or "auto"
+            if kind not in CONV_IMPLS:
+                raise ValueError(f"CAPSBENCH_CONV={kind!r}: expected one of {', '.join(CONV_IMPLS)}")
+        if kind != "auto":
+            return kind == "fft" and self.primary.weight.dtype in (torch.float32, torch.float64)
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+                and self.primary.weight.requires_grad and not torch.is_autocast_enabled("cpu")
+                and max(x.shape[-2:]) <= FFT_CONV_MAX_INPUT)
 
     def uses_fused_routing(self, u: torch.Tensor) -> bool:
         """Whether :meth:`route` takes the fused kernels for capsules ``u`` (see ROUTING_KERNELS)."""

@@ -2,8 +2,9 @@
 
 Times, at batch 100 in float32 with the process's torch threads: the 9x9 stride-2 256 -> 256
 PrimaryCaps convolution forward, its forward + backward (input and weight gradients, as in
-training), the same as unfold + matmul, and a large sgemm of the same inner size, and prints the
-images/s ceiling the convolution alone puts on a training step.
+training), the same as unfold + matmul, a large sgemm of the same inner size, and the same
+convolution through the DFT (capsbench/models/fft_conv.py, what CapsNet's CPU training steps use),
+and prints the images/s ceiling each puts on a training step.
 Usage: python tests/benchmarks/cpu_conv_bound.py [--batch 100] [--threads 2]
 """
 
@@ -14,6 +15,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from capsbench.models.fft_conv import fft_conv2d
 
 
 def best(fn, n: int = 5) -> float:
@@ -50,8 +53,13 @@ def main() -> None:
         y = w.view(256, -1) @ F.unfold(x, 9, stride=2)
         y.backward(torch.ones_like(y))
 
+    def fft_train():
+        y = fft_conv2d(x, w, stride=2)
+        y.backward(torch.ones_like(y))
+
     a, b = torch.randn(B * 36, 256 * 81), torch.randn(256 * 81, 256)
     t_f, t_t, t_u, t_g = best(conv_fwd), best(conv_train), best(unfold_train), best(lambda: a @ b)
+    t_fft = best(fft_train)
     print(f"threads {torch.get_num_threads()}, batch {B}")
     print(f"PrimaryCaps conv forward          {t_f:.3f} s  {flop_fwd / t_f / 1e9:6.1f} GFLOP/s")
     print(f"PrimaryCaps conv forward+backward {t_t:.3f} s  {3 * flop_fwd / t_t / 1e9:6.1f} GFLOP/s"
@@ -59,6 +67,8 @@ def main() -> None:
     print(f"same via unfold + matmul          {t_u:.3f} s")
     print(f"sgemm ({B * 36} x {256 * 81} x 256)   {t_g:.3f} s  {flop_fwd / t_g / 1e9:6.1f} GFLOP/s"
           f"  -> even at this rate: at most {B / (3 * t_g):.0f} images/s")
+    print(f"FFT convolution forward+backward  {t_fft:.3f} s  "
+          f"-> at most {B / t_fft:.0f} training images/s from this layer (a third of the arithmetic)")
 
 
 if __name__ == "__main__":
