@@ -146,8 +146,8 @@ def add_commands(sub, add_common) -> None:
                    help="CapsNet routing: auto (= torch unless $CAPSBENCH_ROUTING says otherwise), torch (u_hat + "
                         "batched matmuls) or triton (fused kernels, CUDA only)")
     s.add_argument("--conv", dest="conv_impl", choices=("auto", "direct", "fft"), default="auto",
-                   help="CapsNet's convolutions: auto (= fft for float32 CPU training steps on 28x28 inputs, direct "
-                        "otherwise, unless $CAPSBENCH_CONV says otherwise), direct (F.conv2d) or fft (Conv1 by GEMM, "
+                   help="CapsNet's convolutions: auto (= fft for float32 CPU training steps on 28x28 inputs at batch >= 48, "
+                        "direct otherwise, unless $CAPSBENCH_CONV says otherwise), direct (F.conv2d) or fft (Conv1 by GEMM, "
                         "PrimaryCaps by FFT; models/fft_conv.py)")
     add_common(s)
     s.set_defaults(func=cmd_speed)

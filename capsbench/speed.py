@@ -27,7 +27,7 @@ Variants (``--variants``, comma-separated):
 $CAPSBENCH_ROUTING says otherwise; ``torch``; ``triton``: the fused kernels of
 models/fused_routing.py, CUDA only); the ``routing`` column says which ran. ``--conv``
 likewise picks CapsNet's convolutions (``auto``: Conv1 as one GEMM and PrimaryCaps through the
-DFT, models/fft_conv.py, for float32 CPU training steps on 28x28 inputs, F.conv2d otherwise;
+DFT, models/fft_conv.py, for float32 CPU training steps on 28x28 inputs at batch >= 48, F.conv2d otherwise;
 ``direct``; ``fft``); the ``conv_impl`` column says which the training step ran.
 
 Rows per (variant, batch size): ``images_per_s_train`` (batch / median step time),

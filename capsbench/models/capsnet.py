@@ -60,11 +60,15 @@ ROUTING_KERNELS = ("auto", "torch", "triton")
 # How the two convolutions run: "direct" is F.conv2d (oneDNN / cuDNN); "fft" runs PrimaryCaps
 # as per-frequency complex matrix products (a third of the arithmetic) and Conv1 as one im2col
 # GEMM (models/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" for
-# CPU training steps in float32 on inputs up to FFT_CONV_MAX_INPUT pixels a side (MNIST's 28x28),
-# where it measured faster (README, Speed), and "direct" everywhere else (GPUs, autocast,
-# inference, affNIST's 40x40). The environment variable CAPSBENCH_CONV overrides "auto".
+# CPU training steps in float32 on inputs up to FFT_CONV_MAX_INPUT pixels a side (MNIST's 28x28)
+# and batches of at least FFT_CONV_MIN_BATCH, where it measured faster (README, Speed): its
+# weight transform costs the same at any batch size, so at batch 32 it was slower (51 vs 61
+# images/s on the 2-core build machine), at 48 faster (67 vs 62), at 100 1.4x faster. "direct"
+# everywhere else (GPUs, autocast, inference, small batches, affNIST's 40x40). The environment
+# variable CAPSBENCH_CONV overrides "auto".
 CONV_IMPLS = ("auto", "direct", "fft")
 FFT_CONV_MAX_INPUT = 28
+FFT_CONV_MIN_BATCH = 48
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
@@ -338,7 +342,7 @@ class CapsNet(Classifier):
             return kind == "fft" and self.primary.weight.dtype in (torch.float32, torch.float64)
         return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
                 and self.primary.weight.requires_grad and not torch.is_autocast_enabled("cpu")
-                and max(x.shape[-2:]) <= FFT_CONV_MAX_INPUT)
+                and max(x.shape[-2:]) <= FFT_CONV_MAX_INPUT and x.shape[0] >= FFT_CONV_MIN_BATCH)
 
     def uses_fused_routing(self, u: torch.Tensor) -> bool:
         """Whether :meth:`route` takes the fused kernels for capsules ``u`` (see ROUTING_KERNELS)."""
