@@ -93,7 +93,7 @@ class _FFTConv2d(torch.autograd.Function):
         if bias is not None:
             y += bias.view(1, Co, 1, 1)
         ctx.save_for_backward(X, Wc)
-        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         ctx.shape = (B, C, H, W, Co, K, L, Ho, Wo, stride, bias is not None)
         return y
 
