@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 
 from capsbench.errors import CapsbenchError, ConfigError, DataError
+from capsbench.malloc import keep_freed_memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -437,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     caught: list[warnings.WarningMessage] = []
     try:
         _set_threads()
+        keep_freed_memory()
         _check_routing(args)
         with warnings.catch_warnings(record=True) as caught:
             _preflight(args)

@@ -84,8 +84,10 @@ def job_meta(result: Any) -> dict[str, Any]:
 
 
 def _prepare_process(ctx: RunContext) -> None:
+    from capsbench.malloc import keep_freed_memory
     from capsbench.runner import set_deterministic
 
+    keep_freed_memory()
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
     if ctx.deterministic:

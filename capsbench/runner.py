@@ -26,6 +26,7 @@ from capsbench import transforms as T
 from capsbench.data import data_checksums, ensure_dataset
 from capsbench.errors import ConfigError, TrainingError
 from capsbench.locks import DirLock, remove_partial_files
+from capsbench.malloc import keep_freed_memory
 from capsbench.models import count_parameters, create_model
 from capsbench.profiles import get_profile
 from capsbench.registry import Registry
@@ -418,6 +419,7 @@ def train(
     cfg = cfg.validate()
     dev = resolve_device(device)
     speed = check_device_options(dev, cfg.amp, speed)
+    keep_freed_memory()  # large CPU tensors reuse mapped pages step after step (capsbench/malloc.py)
     ensure_dataset(cfg.dataset, root=data_root, split="train")  # before the job folder exists
     job_dir = Path(out) / "jobs" / cfg.job_name
     # One trainer per job: a second process that needs it (another suite, a Ray task) waits

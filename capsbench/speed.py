@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from capsbench.errors import ConfigError
+from capsbench.malloc import keep_freed_memory
 from capsbench.models import create_model
 from capsbench.profiler import _sync, time_fn
 from capsbench.runner import SpeedOptions, build_step, make_optimizer, to_float
@@ -227,6 +228,7 @@ def run_speed(
 
     for v in variants:
         parse_variant(v)
+    keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     train = ensure_dataset("mnist", root=data_root, split="train")

@@ -187,6 +187,7 @@ def git_sha(cwd: str | os.PathLike | None = None) -> str:
 def environment_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """Versions and hardware, for run.json."""
     import capsbench
+    from capsbench.malloc import malloc_state
 
     info: dict[str, Any] = {
         "capsbench": capsbench.__version__,
@@ -197,6 +198,7 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "git_sha": git_sha(),
+        "malloc": malloc_state(),
     }
     try:
         import torchvision

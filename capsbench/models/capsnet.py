@@ -58,17 +58,17 @@ SQUASH_EPS = 1e-7
 # variable CAPSBENCH_ROUTING overrides "auto" (CAPSBENCH_ROUTING=triton to use the kernels).
 ROUTING_KERNELS = ("auto", "torch", "triton")
 # How the two convolutions run: "direct" is F.conv2d (oneDNN / cuDNN); "fft" runs PrimaryCaps
-# as per-frequency complex matrix products (a third of the arithmetic) and Conv1 as one im2col
-# GEMM (models/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" for
-# CPU training steps in float32 on inputs up to FFT_CONV_MAX_INPUT pixels a side (MNIST's 28x28)
+# as per-frequency matrix products (a third of the arithmetic) and Conv1 as one im2col GEMM
+# (models/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" for CPU
+# training steps in float32 on inputs up to FFT_CONV_MAX_INPUT pixels a side (MNIST's 28x28)
 # and batches of at least FFT_CONV_MIN_BATCH, where it measured faster (README, Speed): its
-# weight transform costs the same at any batch size, so at batch 32 it was slower (51 vs 61
-# images/s on the 2-core build machine), at 48 faster (67 vs 62), at 100 1.4x faster. "direct"
-# everywhere else (GPUs, autocast, inference, small batches, affNIST's 40x40). The environment
-# variable CAPSBENCH_CONV overrides "auto".
+# weight transform costs the same at any batch size, so at batch 16 both paths ran at 55
+# images/s on the 2-core build machine, at 32 fft 87 vs direct 56, at 100 143 vs 64.
+# "direct" everywhere else (GPUs, autocast, inference, small batches, affNIST's 40x40). The
+# environment variable CAPSBENCH_CONV overrides "auto".
 CONV_IMPLS = ("auto", "direct", "fft")
 FFT_CONV_MAX_INPUT = 28
-FFT_CONV_MIN_BATCH = 48
+FFT_CONV_MIN_BATCH = 32
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:

@@ -11,23 +11,31 @@ the N - K + 1 valid positions), not an approximation; it differs from a direct c
 only by float32 rounding, and is closer to a float64 reference than oneDNN's direct one
 (tests/test_fft_conv.py).
 
-The transforms of the activations are real FFTs (torch.fft); everything else, the weight
-transform (81 taps -> 220 frequencies), the output (220 frequencies -> the 36 strided output
-positions only) and the weight gradient (220 frequencies -> the 81 taps only), is evaluated
-as small dense DFT matrices applied one axis at a time, which is cheaper than full FFTs of
-mostly-zero or mostly-unused grids and writes each result in the layout the next product
-wants. Conventions (N = H x W the map, F = H x (W // 2 + 1) half-spectrum frequencies):
+Everything is real matrix products (BLAS sgemm), with complex numbers kept as separate real
+and imaginary planes ("split" form, the plane axis outermost):
 
-    X[f, b, c]  = sum_n x[b, c, n] e^{-2 pi i f.n / N}          rfft2 of the input
-    Wc[f, c, o] = sum_k w[o, c, k] e^{+2 pi i f.k / N}          conj(DFT(w)), zero-padded to N
-    Z  = X @ Wc  (per f)                                        DFT of the stride-1 correlation
-    y[b, o, m]  = Re sum_f a_f Z[f, b, o] e^{+2 pi i f.(s m)} / N   at the strided outputs only
-    G  = conj(DFT(dy upsampled by s))                           (F, B, O)
-    dx = irfft2(conj(G @ Wc^T)),   dw[o, c, k] = Re sum_f a_f (G^T @ X)[f, o, c] e^{+2 pi i f.k} / N
+    X  (2, F, B, C)   the half spectrum of the input, F = H x (W // 2 + 1) frequencies
+    Wc (2, F, C, Co)  the conjugate spectrum of the zero-padded kernel
+    Z  (2, F, B, Co)  Z[f] = X[f] @ Wc[f], complex: four real batched products
+    y  (Ho, Wo, B, Co) = Dout @ Z: the real part of the inverse transform, at the strided
+                      output positions only (one small dense matrix, 36 x 440 for CapsNet)
 
-where a_f = 1 for the columns a real inverse FFT counts once (f_w = 0 and, for even W, W / 2)
-and 2 for the others. CapsNet uses this for PrimaryCaps in float32 CPU training steps (models/capsnet.py,
-``conv_impl``); on a GPU cuDNN's convolutions are the faster choice.
+The transforms are small dense DFT matrices applied one axis at a time (w, then h; for the
+kernel l, then k), each a real matrix product that writes its result in the layout the next
+one reads, so no transposing copies are needed when the input is stored (H, W, B, C), as
+:func:`gemm_conv2d` writes it. Every transform is linear and real, so the backward applies
+the transposed matrices to the gradients: no complex conjugation rules to get wrong, and a
+float64 gradcheck holds it to the same maths (tests/test_fft_conv.py). Conventions:
+
+    X[fh, fw]  = sum_{h,w} x[h, w] e^{-2 pi i (fh h / H + fw w / W)}
+    Wc[fh, fw] = sum_{k,l} w[k, l] e^{+2 pi i (fh k / H + fw l / W)}
+    y[mh, mw]  = Re sum_f a_fw Z[f] e^{+2 pi i (fh s mh / H + fw s mw / W)} / (H W)
+
+where a_fw = 1 for the columns a real inverse FFT counts once (fw = 0 and, for even W, W / 2)
+and 2 for the others. The complex products are four real ones (Zr = Xr Wr - Xi Wi,
+Zi = Xr Wi + Xi Wr), which ran faster than torch's complex bmm on the build machine's MKL
+(95 vs 154 ms at CapsNet's shapes). CapsNet uses this for PrimaryCaps in float32 CPU training
+steps (models/capsnet.py, ``conv_impl``); on a GPU cuDNN's convolutions are the faster choice.
 """
 
 from __future__ import annotations
@@ -37,37 +45,71 @@ import math
 import torch
 import torch.nn.functional as F
 
-_TWIDDLES: dict[tuple, torch.Tensor] = {}
+_MAPS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
-def _twiddle(rows: int, row_step: int, cols: int, col_step: int, n: int, dtype: torch.dtype,
-             device: torch.device, half_weights: bool = False, scale: float = 1.0) -> torch.Tensor:
-    """E[a, b] = w_b * scale * exp(+2 pi i (a row_step)(b col_step) / n), complex ``dtype``.
-
-    ``half_weights``: the columns are half-spectrum frequencies b of a real signal of length n,
-    weighted 1 (b = 0, and b = n / 2 for even n) or 2 (the others) so that Re(E @ X) is the
-    inverse of a real FFT. Cached: the products are computed once per shape, exactly (in
-    integers modulo n, then float64).
-    """
-    key = (rows, row_step, cols, col_step, n, dtype, device, half_weights, scale)
-    cached = _TWIDDLES.get(key)
-    if cached is not None:
-        return cached
+def _cis(rows: int, row_step: int, cols: int, col_step: int, n: int, sign: int) -> torch.Tensor:
+    """E[a, b] = exp(sign 2 pi i (a row_step)(b col_step) / n), complex128; the products are
+    reduced modulo n in integers first, so every entry is exact to float64."""
     a = torch.arange(rows, dtype=torch.int64)[:, None] * row_step
     b = torch.arange(cols, dtype=torch.int64)[None, :] * col_step
-    angle = (a * b % n).to(torch.float64) * (2.0 * math.pi / n)
-    weight = torch.full((cols,), scale, dtype=torch.float64)
-    if half_weights:
-        weight[1:] *= 2.0
-        if n % 2 == 0 and cols > n // 2:
-            weight[n // 2] = scale
-    table = torch.polar(weight.expand_as(angle), angle).to(dtype=dtype, device=device)
-    _TWIDDLES[key] = table
-    return table
+    angle = (a * b % n).to(torch.float64) * (sign * 2.0 * math.pi / n)
+    return torch.polar(torch.ones_like(angle), angle)
 
 
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
+def _of_real(E: torch.Tensor) -> torch.Tensor:
+    """The complex map E (m x n) on a real input, as a real (2m x n) matrix: rows (plane, i)."""
+    return torch.cat([E.real, E.imag])
+
+
+def _of_complex(E: torch.Tensor) -> torch.Tensor:
+    """The complex map E (m x n) as a real (2m x 2n) matrix from inputs ordered (j, plane)
+    (the output of an :func:`_of_real` stage read row-pair-wise) to outputs (plane, i)."""
+    m, n = E.shape
+    R = torch.empty(2, m, n, 2, dtype=torch.float64)
+    R[0, :, :, 0], R[0, :, :, 1] = E.real, -E.imag
+    R[1, :, :, 0], R[1, :, :, 1] = E.imag, E.real
+    return R.reshape(2 * m, 2 * n)
+
+
+def _maps(H: int, W: int, K: int, L: int, s: int, dtype: torch.dtype,
+          device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The five real DFT matrices of one geometry (cached): input w -> fw, (h, plane) -> (plane, fh);
+    kernel l -> fw, (k, plane) -> (plane, fh); and (plane, fh, fw) -> the strided outputs (mh, mw)."""
+    key = (H, W, K, L, s, dtype, device)
+    cached = _MAPS.get(key)
+    if cached is not None:
+        return cached
+    Fw, Ho, Wo = W // 2 + 1, (H - K) // s + 1, (W - L) // s + 1
+    a = torch.full((Fw,), 2.0, dtype=torch.float64)
+    a[0] = 1.0
+    if W % 2 == 0:
+        a[W // 2] = 1.0
+    out_h = _cis(Ho, s, H, 1, H, +1)  # (mh, fh)
+    out_w = _cis(Wo, s, Fw, 1, W, +1) * (a / (H * W))  # (mw, fw)
+    out = (out_h[:, None, :, None] * out_w[None, :, None, :]).reshape(Ho * Wo, H * Fw)
+    maps = (
+        _of_real(_cis(Fw, 1, W, 1, W, -1)),  # (2Fw, W)
+        _of_complex(_cis(H, 1, H, 1, H, -1)),  # (2H, 2H)
+        _of_real(_cis(Fw, 1, L, 1, W, +1)),  # (2Fw, L)
+        _of_complex(_cis(H, 1, K, 1, H, +1)),  # (2H, 2K)
+        torch.cat([out.real, -out.imag], dim=1),  # (Ho Wo, 2F): Re(out @ Z)
+    )
+    cached = tuple(t.to(dtype=dtype, device=device).contiguous() for t in maps)
+    _MAPS[key] = cached
+    return cached
+
+
+def _complex_bmm(ar: torch.Tensor, ai: torch.Tensor, br: torch.Tensor, bi: torch.Tensor, out: torch.Tensor,
+                 conj_a: bool = False, conj_b: bool = False) -> torch.Tensor:
+    """out[0] + i out[1] = a @ b per batch, for a = ar + i ai and b = br + i bi, or their
+    conjugates (``conj_a``, ``conj_b``): four real batched products, signs folded into alpha."""
+    sa, sb = (-1.0 if conj_a else 1.0), (-1.0 if conj_b else 1.0)
+    torch.bmm(ar, br, out=out[0])
+    out[0].baddbmm_(ai, bi, alpha=-sa * sb)
+    out[1].baddbmm_(ar, bi, beta=0.0, alpha=sb)  # beta 0: out's old contents are ignored
+    out[1].baddbmm_(ai, br, alpha=sa)
+    return out
 
 
 class _FFTConv2d(torch.autograd.Function):
@@ -77,23 +119,20 @@ class _FFTConv2d(torch.autograd.Function):
         Co, _, K, L = w.shape
         Ho, Wo = (H - K) // stride + 1, (W - L) // stride + 1
         Fw = W // 2 + 1
-        cdt, dev = _complex(x.dtype), x.device
-        # X (H, Fw, B, C): frequencies outermost, so that X[f] is one (B, C) matrix
-        # rfft2 returns the transformed axes innermost whatever the input layout: one copy here
-        X = torch.fft.rfft2(x.permute(2, 3, 0, 1), dim=(0, 1)).contiguous()
-        # Wc = conj(DFT(w)) (H, Fw, C, Co): taps k -> rows f_h, then taps l -> columns f_w
-        wt = w.permute(2, 3, 1, 0).to(cdt)  # (K, L, C, Co)
-        Q = _twiddle(H, 1, K, 1, H, cdt, dev) @ wt.reshape(K, L * C * Co)  # (H, L * C * Co)
-        Wc = _twiddle(Fw, 1, L, 1, W, cdt, dev) @ Q.view(H, L, C * Co)  # (H, Fw, C * Co)
-        Z = torch.bmm(X.view(H * Fw, B, C), Wc.view(H * Fw, C, Co))  # (F, B, Co)
-        # y at the strided positions only: columns f_w -> w_o, then rows f_h -> h_o, real part
-        T = _twiddle(Wo, stride, Fw, 1, W, cdt, dev, half_weights=True, scale=1.0 / W) @ Z.view(H, Fw, B * Co)
-        y = (_twiddle(Ho, stride, H, 1, H, cdt, dev, scale=1.0 / H) @ T.view(H, Wo * B * Co)).real
-        y = y.view(Ho, Wo, B, Co).permute(2, 3, 0, 1).contiguous()
+        Fn = H * Fw
+        in_w, in_h, k_l, k_k, out = _maps(H, W, K, L, stride, x.dtype, x.device)
+        xt = x.permute(2, 3, 0, 1).contiguous()  # (H, W, B, C); no copy for gemm_conv2d's output
+        T = torch.matmul(in_w, xt.view(H, W, B * C))  # (H, 2Fw, B C): w -> (plane, fw)
+        X = torch.mm(in_h, T.view(2 * H, Fw * B * C)).view(2, Fn, B, C)  # (h, plane) -> (plane, fh)
+        wt = w.permute(2, 3, 1, 0).contiguous()  # (K, L, C, Co)
+        P = torch.matmul(k_l, wt.view(K, L, C * Co))  # (K, 2Fw, C Co)
+        Wc = torch.mm(k_k, P.view(2 * K, Fw * C * Co)).view(2, Fn, C, Co)
+        Z = _complex_bmm(X[0], X[1], Wc[0], Wc[1], x.new_empty(2, Fn, B, Co))
+        y = torch.mm(out, Z.view(2 * Fn, B * Co)).view(Ho, Wo, B, Co).permute(2, 3, 0, 1)
         if bias is not None:
             y += bias.view(1, Co, 1, 1)
         ctx.save_for_backward(X, Wc)
-        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.x_stride = x.stride()
         ctx.shape = (B, C, H, W, Co, K, L, Ho, Wo, stride, bias is not None)
         return y
 
@@ -102,32 +141,24 @@ class _FFTConv2d(torch.autograd.Function):
         X, Wc = ctx.saved_tensors
         B, C, H, W, Co, K, L, Ho, Wo, s, has_bias = ctx.shape
         Fw = W // 2 + 1
-        cdt, dev = X.dtype, X.device
-        # G = conj(DFT of dy placed at the strided positions) (H, Fw, B, Co): h_o -> f_h, w_o -> f_w
-        d = dy.permute(2, 3, 0, 1).to(cdt)  # (Ho, Wo, B, Co)
-        P = _twiddle(H, 1, Ho, s, H, cdt, dev) @ d.reshape(Ho, Wo * B * Co)  # (H, Wo * B * Co)
-        G = _twiddle(Fw, 1, Wo, s, W, cdt, dev) @ P.view(H, Wo, B * Co)  # (H, Fw, B * Co)
-        G = G.view(H * Fw, B, Co)
+        Fn = H * Fw
+        in_w, in_h, k_l, k_k, out = _maps(H, W, K, L, s, X.dtype, X.device)
+        # every stage of the forward is a real linear map: its transpose carries the gradient back
+        dZ = torch.mm(out.t(), dy.permute(2, 3, 0, 1).reshape(Ho * Wo, B * Co)).view(2, Fn, B, Co)
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dX = torch.bmm(G, Wc.view(H * Fw, C, Co).transpose(1, 2)).view(H, Fw, B, C)
-            dx = torch.fft.irfft2(dX.conj(), s=(H, W), dim=(0, 1))  # (H, W, B, C), NCHW in memory
-            if ctx.channels_last:  # the gradient in the memory layout of x
-                dx = dx.permute(2, 0, 1, 3).contiguous().permute(0, 3, 1, 2)
-            else:
-                dx = dx.permute(2, 3, 0, 1).contiguous()
-        if ctx.needs_input_grad[1]:
-            S = G.new_empty(H * Fw, Co, C)
-            Xf = X.view(H * Fw, B, C)
-            if G.is_cuda:
-                torch.bmm(G.transpose(1, 2), Xf, out=S)
-            else:  # CPUs: one gemm per frequency is 1.6x faster than bmm at this (contraction = batch) shape
-                for f in range(H * Fw):
-                    torch.mm(G[f].T, Xf[f], out=S[f])
-            # only the K x L taps of the inverse transform: f_w -> l, then f_h -> k, real part
-            R = _twiddle(L, 1, Fw, 1, W, cdt, dev, half_weights=True, scale=1.0 / W) @ S.view(H, Fw, Co * C)
-            dw = (_twiddle(K, 1, H, 1, H, cdt, dev, scale=1.0 / H) @ R.view(H, L * Co * C)).real
-            dw = dw.view(K, L, Co, C).permute(2, 3, 0, 1).contiguous()
+        if ctx.needs_input_grad[0]:  # dX = dZ @ Wc^H in the split planes
+            Wt = Wc.transpose(2, 3)
+            dX = _complex_bmm(dZ[0], dZ[1], Wt[0], Wt[1], X.new_empty(2, Fn, B, C), conj_b=True)
+            dT = torch.mm(in_h.t(), dX.view(2 * H, Fw * B * C))
+            dx = torch.matmul(in_w.t(), dT.view(H, 2 * Fw, B * C)).view(H, W, B, C).permute(2, 3, 0, 1)
+            if dx.stride() != ctx.x_stride:  # the gradient in the memory layout of x
+                dx = dx.new_empty_strided(dx.shape, ctx.x_stride).copy_(dx)
+        if ctx.needs_input_grad[1]:  # dWc = X^H @ dZ
+            Xt = X.transpose(2, 3)
+            dWc = _complex_bmm(Xt[0], Xt[1], dZ[0], dZ[1], X.new_empty(2, Fn, C, Co), conj_a=True)
+            dP = torch.mm(k_k.t(), dWc.view(2 * H, Fw * C * Co))
+            dwt = torch.matmul(k_l.t(), dP.view(K, 2 * Fw, C * Co))  # (K, L, C Co)
+            dw = dwt.view(K, L, C, Co).permute(3, 2, 0, 1).contiguous()
         if has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db, None
@@ -140,17 +171,18 @@ def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     For CapsNet's Conv1 on CPUs: with a single input channel oneDNN's weight gradient runs at a
     tenth of the machine's GEMM rate; here forward and weight gradient are one GEMM each
-    (1.7 GFLOP at batch 100). The result is channels_last in memory.
+    (1.7 GFLOP at batch 100). The result is stored (H, W, B, C) in memory (a permuted view),
+    the layout :func:`fft_conv2d` reads without a copy.
     """
     B, C, H, W = x.shape
     Co, _, K, L = weight.shape
     Ho, Wo = H - K + 1, W - L + 1
-    cols = F.unfold(x, (K, L)).transpose(1, 2).reshape(B * Ho * Wo, C * K * L)
+    cols = F.unfold(x, (K, L)).permute(2, 0, 1).reshape(Ho * Wo * B, C * K * L)  # rows (h, w, b)
     w = weight.reshape(Co, C * K * L).t()
     y = cols @ w if bias is None else torch.addmm(bias, cols, w)
     if relu:
         y = F.relu(y)  # on the matrix, before the view: an in-place ReLU on the view costs copies
-    return y.view(B, Ho, Wo, Co).permute(0, 3, 1, 2)
+    return y.view(Ho, Wo, B, Co).permute(2, 3, 0, 1)
 
 
 def fft_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
