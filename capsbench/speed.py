@@ -27,8 +27,9 @@ Variants (``--variants``, comma-separated):
 $CAPSBENCH_ROUTING says otherwise; ``torch``; ``triton``: the fused kernels of
 models/fused_routing.py, CUDA only); the ``routing`` column says which ran. ``--conv``
 likewise picks CapsNet's convolutions (``auto``: Conv1 as one GEMM and PrimaryCaps through the
-DFT, models/fft_conv.py, for float32 CPU training steps on 28x28 inputs at batch >= 48, F.conv2d otherwise;
-``direct``; ``fft``); the ``conv_impl`` column says which the training step ran.
+DFT, models/fft_conv.py, in float32 on CPUs on 28x28 inputs, training at batch >= 32 and inference
+at batch >= 100, F.conv2d otherwise; ``direct``; ``fft``); the ``conv_impl`` and
+``conv_impl_inference`` columns say which the training step and the inference ran.
 
 Rows per (variant, batch size): ``images_per_s_train`` (batch / median step time),
 ``time_train_step_s``, ``images_per_s_inference`` (eval mode, same precision and layout,
@@ -195,6 +196,9 @@ def measure(
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
             return model(xi).scores
 
+    if "conv_impl" in row:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
+            row["conv_impl_inference"] = "fft" if model.uses_fft_conv(xi) else "direct"
     ti = time_fn(infer, device, repeats=10, warmup=2, budget_s=budget_s)
     row.update(infer_batch=xi.shape[0], time_inference_s=ti.median, images_per_s_inference=xi.shape[0] / ti.median)
     model.train()
@@ -256,7 +260,7 @@ def run_speed(
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
-    cols = ["variant", "routing", "conv_impl", "batch_size", "images_per_s_train", "epoch_s", "images_per_s_inference",
+    cols = ["variant", "routing", "conv_impl", "conv_impl_inference", "batch_size", "images_per_s_train", "epoch_s", "images_per_s_inference",
             "routing_share", "build_s"]
     lines = [" | ".join(cols)]
     for r in rows:

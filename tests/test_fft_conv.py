@@ -108,14 +108,16 @@ def test_capsnet_trains_the_same_with_either_convolution():
         assert (a - b).abs().max().item() <= 1e-4 * scale + 1e-9, name
 
 
-def test_auto_takes_the_fft_convolutions_only_for_cpu_float32_training_at_batch_32_and_up(monkeypatch):
+def test_auto_takes_the_fft_convolutions_on_cpus_in_float32_from_batch_32_training_100_inference(monkeypatch):
     monkeypatch.delenv("CAPSBENCH_CONV", raising=False)
     m = create_model("capsnet").train()
-    x = torch.zeros(64, 1, 28, 28)
+    x = torch.zeros(100, 1, 28, 28)
     assert m.uses_fft_conv(x) and m.uses_fft_conv(x[:32])
     assert not m.uses_fft_conv(x[:31])  # small batches: the weight transform does not pay
-    with torch.no_grad():
-        assert not m.uses_fft_conv(x)  # inference: F.conv2d (no weight transform to amortise)
+    with torch.no_grad():  # inference amortises the weight transform over one forward only
+        assert m.uses_fft_conv(x) and not m.uses_fft_conv(x[:99])
+    with torch.inference_mode():
+        assert m.uses_fft_conv(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not m.uses_fft_conv(x)
     assert not m.uses_fft_conv(x.double())

@@ -59,16 +59,19 @@ SQUASH_EPS = 1e-7
 ROUTING_KERNELS = ("auto", "torch", "triton")
 # How the two convolutions run: "direct" is F.conv2d (oneDNN / cuDNN); "fft" runs PrimaryCaps
 # as per-frequency matrix products (a third of the arithmetic) and Conv1 as one im2col GEMM
-# (models/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" for CPU
-# training steps in float32 on inputs up to FFT_CONV_MAX_INPUT pixels a side (MNIST's 28x28)
-# and batches of at least FFT_CONV_MIN_BATCH, where it measured faster (README, Speed): its
-# weight transform costs the same at any batch size, so at batch 16 both paths ran at 55
-# images/s on the 2-core build machine, at 32 fft 87 vs direct 56, at 100 143 vs 64.
-# "direct" everywhere else (GPUs, autocast, inference, small batches, affNIST's 40x40). The
-# environment variable CAPSBENCH_CONV overrides "auto".
+# (models/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" on CPUs in
+# float32 without autocast, on inputs up to FFT_CONV_MAX_INPUT pixels a side (MNIST's 28x28),
+# from batch FFT_CONV_MIN_BATCH in training steps and FFT_CONV_MIN_INFER_BATCH in inference,
+# where it measured faster (README, Speed). Its weight transform costs the same at any batch
+# size; on the 2-core build machine: training at batch 16 both paths ran at 55 images/s, at 32
+# fft 87 vs direct 56, at 100 143 vs 64; inference at batch 48-64 they tie (~310 images/s), at
+# 100 fft 372-397 vs 283-319, at 500 (runner.predict) 414-457 vs 308-321. "direct" everywhere
+# else (GPUs, autocast, small batches, affNIST's 40x40). The environment variable
+# CAPSBENCH_CONV overrides "auto".
 CONV_IMPLS = ("auto", "direct", "fft")
 FFT_CONV_MAX_INPUT = 28
 FFT_CONV_MIN_BATCH = 32
+FFT_CONV_MIN_INFER_BATCH = 100
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
@@ -340,9 +343,10 @@ class CapsNet(Classifier):
                 raise ValueError(f"CAPSBENCH_CONV={kind!r}: expected one of {', '.join(CONV_IMPLS)}")
         if kind != "auto":
             return kind == "fft" and self.primary.weight.dtype in (torch.float32, torch.float64)
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
-                and self.primary.weight.requires_grad and not torch.is_autocast_enabled("cpu")
-                and max(x.shape[-2:]) <= FFT_CONV_MAX_INPUT and x.shape[0] >= FFT_CONV_MIN_BATCH)
+        training = torch.is_grad_enabled() and self.primary.weight.requires_grad
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and max(x.shape[-2:]) <= FFT_CONV_MAX_INPUT
+                and x.shape[0] >= (FFT_CONV_MIN_BATCH if training else FFT_CONV_MIN_INFER_BATCH))
 
     def uses_fused_routing(self, u: torch.Tensor) -> bool:
         """Whether :meth:`route` takes the fused kernels for capsules ``u`` (see ROUTING_KERNELS)."""
