@@ -35,7 +35,8 @@ where a_fw = 1 for the columns a real inverse FFT counts once (fw = 0 and, for e
 and 2 for the others. The complex products are four real ones (Zr = Xr Wr - Xi Wi,
 Zi = Xr Wi + Xi Wr), which ran faster than torch's complex bmm on the build machine's MKL
 (95 vs 154 ms at CapsNet's shapes). CapsNet uses this for PrimaryCaps in float32 CPU training
-steps (models/capsnet.py, ``conv_impl``); on a GPU cuDNN's convolutions are the faster choice.
+steps and batched inference (models/capsnet.py, ``conv_impl``); on a GPU cuDNN's convolutions
+are the faster choice.
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ class _FFTConv2d(torch.autograd.Function):
         if bias is not None:
             y += bias.view(1, Co, 1, 1)
         ctx.save_for_backward(X, Wc)
-        ctx.x_stride = x.stride()
+        # the input gradient comes back in x's memory layout when that is a dense one
+        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or xt.data_ptr() == x.data_ptr()
+        ctx.x_stride = x.stride() if dense else None
         ctx.shape = (B, C, H, W, Co, K, L, Ho, Wo, stride, bias is not None)
         return y
 
@@ -151,7 +154,7 @@ class _FFTConv2d(torch.autograd.Function):
             dX = _complex_bmm(dZ[0], dZ[1], Wt[0], Wt[1], X.new_empty(2, Fn, B, C), conj_b=True)
             dT = torch.mm(in_h.t(), dX.view(2 * H, Fw * B * C))
             dx = torch.matmul(in_w.t(), dT.view(H, 2 * Fw, B * C)).view(H, W, B, C).permute(2, 3, 0, 1)
-            if dx.stride() != ctx.x_stride:  # the gradient in the memory layout of x
+            if ctx.x_stride is not None and dx.stride() != ctx.x_stride:
                 dx = dx.new_empty_strided(dx.shape, ctx.x_stride).copy_(dx)
         if ctx.needs_input_grad[1]:  # dWc = X^H @ dZ
             Xt = X.transpose(2, 3)
