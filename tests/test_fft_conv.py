@@ -16,7 +16,9 @@ from capsbench.models.fft_conv import fft_conv2d, gemm_conv2d
 
 
 @pytest.mark.parametrize("H, W, K, stride", [(20, 20, 9, 2), (21, 20, 9, 2), (20, 17, 9, 1), (17, 16, 5, 3),
-                                             (9, 9, 9, 2), (12, 12, 3, 2)])
+                                             (9, 9, 9, 2), (12, 12, 3, 2),
+                                             # maps with only self-conjugate columns (W <= 2) or rows
+                                             (10, 2, 2, 1), (2, 5, 2, 1), (9, 1, 1, 1)])
 def test_fft_conv_gradcheck_and_matches_conv2d_in_float64(H, W, K, stride):
     g = torch.Generator().manual_seed(H * 100 + W)
     x = torch.randn(3, 5, H, W, dtype=torch.float64, generator=g, requires_grad=True)

@@ -14,11 +14,17 @@ only by float32 rounding, and is closer to a float64 reference than oneDNN's dir
 Everything is real matrix products (BLAS sgemm), with complex numbers kept as separate real
 and imaginary planes ("split" form, the plane axis outermost):
 
-    X  (2, F, B, C)   the half spectrum of the input, F = H x (W // 2 + 1) frequencies
+    X  (2, F, B, C)   the half spectrum of the input, F frequencies (below)
     Wc (2, F, C, Co)  the conjugate spectrum of the zero-padded kernel
     Z  (2, F, B, Co)  Z[f] = X[f] @ Wc[f], complex: four real batched products
     y  (Ho, Wo, B, Co) = Dout @ Z: the real part of the inverse transform, at the strided
-                      output positions only (one small dense matrix, 36 x 440 for CapsNet)
+                      output positions only (one small dense matrix, 36 x 404 for CapsNet)
+
+The half spectrum of a real H x W map has H x (W // 2 + 1) frequencies, but in its columns
+fw = 0 and (W even) fw = W / 2 it is Hermitian in fh (X[H - fh] = conj X[fh]), and so are Z
+and the kernel's spectrum: those columns are computed for fh = 0 .. H // 2 only and the
+output map counts each of them twice. For CapsNet's 20 x 20 map that is 202 frequencies
+instead of 220, in two groups (general columns, self-conjugate columns) with a product each.
 
 The transforms are small dense DFT matrices applied one axis at a time (w, then h; for the
 kernel l, then k), each a real matrix product that writes its result in the layout the next
@@ -46,7 +52,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-_MAPS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_MAPS: dict[tuple, tuple] = {}
 
 
 def _cis(rows: int, row_step: int, cols: int, col_step: int, n: int, sign: int) -> torch.Tensor:
@@ -73,30 +79,48 @@ def _of_complex(E: torch.Tensor) -> torch.Tensor:
     return R.reshape(2 * m, 2 * n)
 
 
-def _maps(H: int, W: int, K: int, L: int, s: int, dtype: torch.dtype,
-          device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The five real DFT matrices of one geometry (cached): input w -> fw, (h, plane) -> (plane, fh);
-    kernel l -> fw, (k, plane) -> (plane, fh); and (plane, fh, fw) -> the strided outputs (mh, mw)."""
+def _maps(H: int, W: int, K: int, L: int, s: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The real DFT matrices of one geometry (cached): input w -> fw and kernel l -> fw, with the
+    columns fw ordered "general" first and then the self-conjugate ones (0 and, for even W, W/2);
+    and per frequency group (in_h, k_k, out, columns): (h, plane) -> (plane, fh), (k, plane) ->
+    (plane, fh), (plane, fh, fw) -> the strided outputs, and the range of fw columns it covers.
+    In the self-conjugate columns the spectrum of real data is Hermitian in fh, so only
+    fh = 0 .. H // 2 are computed and the others counted twice in the output map."""
     key = (H, W, K, L, s, dtype, device)
     cached = _MAPS.get(key)
     if cached is not None:
         return cached
     Fw, Ho, Wo = W // 2 + 1, (H - K) // s + 1, (W - L) // s + 1
+    special = [0] + ([W // 2] if W % 2 == 0 and W // 2 > 0 else [])
+    order = [f for f in range(Fw) if f not in special] + special
+    n1 = Fw - len(special)
+    in_w = _of_real(_cis(Fw, 1, W, 1, W, -1)[order])  # (2Fw, W): rows (plane, fw')
+    k_l = _of_real(_cis(Fw, 1, L, 1, W, +1)[order])  # (2Fw, L)
+    in_h = _of_complex(_cis(H, 1, H, 1, H, -1))  # (2H, 2H)
+    k_k = _of_complex(_cis(H, 1, K, 1, H, +1))  # (2H, 2K)
     a = torch.full((Fw,), 2.0, dtype=torch.float64)
-    a[0] = 1.0
-    if W % 2 == 0:
-        a[W // 2] = 1.0
+    a[special] = 1.0
     out_h = _cis(Ho, s, H, 1, H, +1)  # (mh, fh)
-    out_w = _cis(Wo, s, Fw, 1, W, +1) * (a / (H * W))  # (mw, fw)
-    out = (out_h[:, None, :, None] * out_w[None, :, None, :]).reshape(Ho * Wo, H * Fw)
-    maps = (
-        _of_real(_cis(Fw, 1, W, 1, W, -1)),  # (2Fw, W)
-        _of_complex(_cis(H, 1, H, 1, H, -1)),  # (2H, 2H)
-        _of_real(_cis(Fw, 1, L, 1, W, +1)),  # (2Fw, L)
-        _of_complex(_cis(H, 1, K, 1, H, +1)),  # (2H, 2K)
-        torch.cat([out.real, -out.imag], dim=1),  # (Ho Wo, 2F): Re(out @ Z)
-    )
-    cached = tuple(t.to(dtype=dtype, device=device).contiguous() for t in maps)
+    out_w = (_cis(Wo, s, Fw, 1, W, +1) * (a / (H * W)))[:, order]  # (mw, fw')
+    H2 = H // 2 + 1
+    twice = torch.full((H2,), 2.0, dtype=torch.float64)  # fh and H - fh, conjugates
+    twice[0] = 1.0
+    if H % 2 == 0:
+        twice[H // 2] = 1.0
+    groups = []
+    for lo, hi, rows, weight in ((0, n1, H, 1.0), (n1, Fw, H2, twice)):
+        if hi == lo:
+            continue
+        oh = out_h[:, :rows] * weight
+        out = (oh[:, None, :, None] * out_w[None, :, None, lo:hi]).reshape(Ho * Wo, rows * (hi - lo))
+        groups.append((in_h.view(2, H, 2 * H)[:, :rows].reshape(2 * rows, 2 * H),
+                       k_k.view(2, H, 2 * K)[:, :rows].reshape(2 * rows, 2 * K),
+                       torch.cat([out.real, -out.imag], dim=1), lo, hi))
+
+    def conv(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype=dtype, device=device).contiguous()
+
+    cached = (conv(in_w), conv(k_l), [(conv(ih), conv(kk), conv(o), lo, hi) for ih, kk, o, lo, hi in groups])
     _MAPS[key] = cached
     return cached
 
@@ -120,19 +144,25 @@ class _FFTConv2d(torch.autograd.Function):
         Co, _, K, L = w.shape
         Ho, Wo = (H - K) // stride + 1, (W - L) // stride + 1
         Fw = W // 2 + 1
-        Fn = H * Fw
-        in_w, in_h, k_l, k_k, out = _maps(H, W, K, L, stride, x.dtype, x.device)
+        in_w, k_l, groups = _maps(H, W, K, L, stride, x.dtype, x.device)
         xt = x.permute(2, 3, 0, 1).contiguous()  # (H, W, B, C); no copy for gemm_conv2d's output
-        T = torch.matmul(in_w, xt.view(H, W, B * C))  # (H, 2Fw, B C): w -> (plane, fw)
-        X = torch.mm(in_h, T.view(2 * H, Fw * B * C)).view(2, Fn, B, C)  # (h, plane) -> (plane, fh)
+        T = torch.matmul(in_w, xt.view(H, W, B * C)).view(2 * H, Fw * B * C)  # rows (h, plane), cols (fw', b, c)
         wt = w.permute(2, 3, 1, 0).contiguous()  # (K, L, C, Co)
-        P = torch.matmul(k_l, wt.view(K, L, C * Co))  # (K, 2Fw, C Co)
-        Wc = torch.mm(k_k, P.view(2 * K, Fw * C * Co)).view(2, Fn, C, Co)
-        Z = _complex_bmm(X[0], X[1], Wc[0], Wc[1], x.new_empty(2, Fn, B, Co))
-        y = torch.mm(out, Z.view(2 * Fn, B * Co)).view(Ho, Wo, B, Co).permute(2, 3, 0, 1)
+        P = torch.matmul(k_l, wt.view(K, L, C * Co)).view(2 * K, Fw * C * Co)
+        y = None
+        saved = []
+        for in_h, k_k, out, lo, hi in groups:
+            nf = in_h.shape[0] // 2 * (hi - lo)
+            X = torch.mm(in_h, T[:, lo * B * C:hi * B * C]).view(2, nf, B, C)  # (h, plane) -> (plane, fh)
+            Wc = torch.mm(k_k, P[:, lo * C * Co:hi * C * Co]).view(2, nf, C, Co)
+            Z = _complex_bmm(X[0], X[1], Wc[0], Wc[1], x.new_empty(2, nf, B, Co))
+            Zm = Z.view(2 * nf, B * Co)
+            y = torch.mm(out, Zm) if y is None else y.addmm_(out, Zm)
+            saved += [X, Wc]
+        y = y.view(Ho, Wo, B, Co).permute(2, 3, 0, 1)
         if bias is not None:
             y += bias.view(1, Co, 1, 1)
-        ctx.save_for_backward(X, Wc)
+        ctx.save_for_backward(*saved)
         # the input gradient comes back in x's memory layout when that is a dense one
         dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or xt.data_ptr() == x.data_ptr()
         ctx.x_stride = x.stride() if dense else None
@@ -141,25 +171,33 @@ class _FFTConv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        X, Wc = ctx.saved_tensors
+        saved = ctx.saved_tensors
         B, C, H, W, Co, K, L, Ho, Wo, s, has_bias = ctx.shape
         Fw = W // 2 + 1
-        Fn = H * Fw
-        in_w, in_h, k_l, k_k, out = _maps(H, W, K, L, s, X.dtype, X.device)
+        in_w, k_l, groups = _maps(H, W, K, L, s, dy.dtype, dy.device)
         # every stage of the forward is a real linear map: its transpose carries the gradient back
-        dZ = torch.mm(out.t(), dy.permute(2, 3, 0, 1).reshape(Ho * Wo, B * Co)).view(2, Fn, B, Co)
+        g = dy.permute(2, 3, 0, 1).reshape(Ho * Wo, B * Co)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dT = g.new_empty(2 * H, Fw * B * C) if need_x else None
+        dP = g.new_empty(2 * K, Fw * C * Co) if need_w else None
+        for i, (in_h, k_k, out, lo, hi) in enumerate(groups):
+            X, Wc = saved[2 * i], saved[2 * i + 1]
+            nf = X.shape[1]
+            dZ = torch.mm(out.t(), g).view(2, nf, B, Co)
+            if need_x:  # dX = dZ @ Wc^H in the split planes
+                Wt = Wc.transpose(2, 3)
+                dX = _complex_bmm(dZ[0], dZ[1], Wt[0], Wt[1], X.new_empty(2, nf, B, C), conj_b=True)
+                torch.mm(in_h.t(), dX.view(2 * nf // (hi - lo), (hi - lo) * B * C), out=dT[:, lo * B * C:hi * B * C])
+            if need_w:  # dWc = X^H @ dZ
+                Xt = X.transpose(2, 3)
+                dWc = _complex_bmm(Xt[0], Xt[1], dZ[0], dZ[1], X.new_empty(2, nf, C, Co), conj_a=True)
+                torch.mm(k_k.t(), dWc.view(2 * nf // (hi - lo), (hi - lo) * C * Co), out=dP[:, lo * C * Co:hi * C * Co])
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:  # dX = dZ @ Wc^H in the split planes
-            Wt = Wc.transpose(2, 3)
-            dX = _complex_bmm(dZ[0], dZ[1], Wt[0], Wt[1], X.new_empty(2, Fn, B, C), conj_b=True)
-            dT = torch.mm(in_h.t(), dX.view(2 * H, Fw * B * C))
+        if need_x:
             dx = torch.matmul(in_w.t(), dT.view(H, 2 * Fw, B * C)).view(H, W, B, C).permute(2, 3, 0, 1)
             if ctx.x_stride is not None and dx.stride() != ctx.x_stride:
                 dx = dx.new_empty_strided(dx.shape, ctx.x_stride).copy_(dx)
-        if ctx.needs_input_grad[1]:  # dWc = X^H @ dZ
-            Xt = X.transpose(2, 3)
-            dWc = _complex_bmm(Xt[0], Xt[1], dZ[0], dZ[1], X.new_empty(2, Fn, C, Co), conj_a=True)
-            dP = torch.mm(k_k.t(), dWc.view(2 * H, Fw * C * Co))
+        if need_w:
             dwt = torch.matmul(k_l.t(), dP.view(K, 2 * Fw, C * Co))  # (K, L, C Co)
             # to w's (Co, C, K, L) layout in two cache-friendly transposes (9 vs 16 ms in one)
             dw = dwt.view(K * L, C * Co).t().contiguous().view(C, Co, K, L).transpose(0, 1).contiguous()
