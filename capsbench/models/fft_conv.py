@@ -187,11 +187,11 @@ class _FFTConv2d(torch.autograd.Function):
             if need_x:  # dX = dZ @ Wc^H in the split planes
                 Wt = Wc.transpose(2, 3)
                 dX = _complex_bmm(dZ[0], dZ[1], Wt[0], Wt[1], X.new_empty(2, nf, B, C), conj_b=True)
-                torch.mm(in_h.t(), dX.view(2 * nf // (hi - lo), (hi - lo) * B * C), out=dT[:, lo * B * C:hi * B * C])
+                torch.mm(in_h.t(), dX.view(in_h.shape[0], -1), out=dT[:, lo * B * C:hi * B * C])
             if need_w:  # dWc = X^H @ dZ
                 Xt = X.transpose(2, 3)
                 dWc = _complex_bmm(Xt[0], Xt[1], dZ[0], dZ[1], X.new_empty(2, nf, C, Co), conj_a=True)
-                torch.mm(k_k.t(), dWc.view(2 * nf // (hi - lo), (hi - lo) * C * Co), out=dP[:, lo * C * Co:hi * C * Co])
+                torch.mm(k_k.t(), dWc.view(k_k.shape[0], -1), out=dP[:, lo * C * Co:hi * C * Co])
         dx = dw = db = None
         if need_x:
             dx = torch.matmul(in_w.t(), dT.view(H, 2 * Fw, B * C)).view(H, W, B, C).permute(2, 3, 0, 1)
