@@ -335,8 +335,9 @@ def _set_threads() -> None:
 
 
 def _check_routing(args: argparse.Namespace) -> None:
-    """CAPSBENCH_CONV, CAPSBENCH_ROUTING, --routing and CAPSBENCH_ROUTING_TILES: known values, and the fused
-    kernels only on a CUDA device, before a command starts rather than at its first step."""
+    """CAPSBENCH_CONV, CAPSBENCH_ROUTING, --routing and CAPSBENCH_ROUTING_TILES: known values, the Triton
+    kernels only on a CUDA device and the C++ ones only on a CPU where they build, before a command
+    starts rather than at its first step."""
     from capsbench.models import fused_routing
     from capsbench.models.capsnet import CONV_IMPLS, ROUTING_KERNELS
 
@@ -350,9 +351,22 @@ def _check_routing(args: argparse.Namespace) -> None:
                           "unset it for the default routing")
     kernel = getattr(args, "routing", "auto")
     kernel = env if kernel == "auto" else kernel
+    device = getattr(args, "device", None)
+    if kernel == "cpp":
+        from capsbench.models import cpu_routing
+
+        if device is not None:
+            from capsbench.runner import resolve_device
+
+            if resolve_device(device).type != "cpu":
+                raise ConfigError(f"the CPU routing kernels (--routing cpp or CAPSBENCH_ROUTING=cpp) run on the CPU; "
+                                  f"got --device {device}; use the default routing instead")
+        if cpu_routing.library() is None:
+            raise ConfigError(f"the CPU routing kernels (--routing cpp or CAPSBENCH_ROUTING=cpp) did not build: "
+                              f"{cpu_routing.build_error()}; install a C++ compiler or use the default routing")
+        return
     if kernel != "triton":
         return
-    device = getattr(args, "device", None)
     if device is not None:
         from capsbench.runner import resolve_device
 

@@ -142,12 +142,13 @@ def add_commands(sub, add_common) -> None:
     s.add_argument("--epoch", action="store_true", help="also time one full pass over the 60,000 training images")
     s.add_argument("--deadline", type=_positive_float, default=None,
                    help="skip the configurations that would start after this many seconds")
-    s.add_argument("--routing", choices=("auto", "torch", "triton"), default="auto",
-                   help="CapsNet routing: auto (= torch unless $CAPSBENCH_ROUTING says otherwise), torch (u_hat + "
-                        "batched matmuls) or triton (fused kernels, CUDA only)")
+    s.add_argument("--routing", choices=("auto", "torch", "triton", "cpp"), default="auto",
+                   help="CapsNet routing: auto (= cpp on CPUs where it builds, torch otherwise, unless $CAPSBENCH_ROUTING "
+                        "says otherwise), torch (u_hat + batched matmuls), triton (fused kernels, CUDA only) or cpp "
+                        "(fused C++ kernels, CPU only)")
     s.add_argument("--conv", dest="conv_impl", choices=("auto", "direct", "fft"), default="auto",
-                   help="CapsNet's convolutions: auto (= fft for float32 CPU training steps on 28x28 inputs at batch >= 48, "
-                        "direct otherwise, unless $CAPSBENCH_CONV says otherwise), direct (F.conv2d) or fft (Conv1 by GEMM, "
+                   help="CapsNet's convolutions: auto (= fft for float32 CPU training steps on 28x28 inputs at batch >= 32 and inference at "
+                        "batch >= 100, direct otherwise, unless $CAPSBENCH_CONV says otherwise), direct (F.conv2d) or fft (Conv1 by GEMM, "
                         "PrimaryCaps by FFT; models/fft_conv.py)")
     add_common(s)
     s.set_defaults(func=cmd_speed)

@@ -193,8 +193,10 @@ def count_flops(model: torch.nn.Module, train: bool, batch_size: int = FLOP_BATC
     ``train=True``: ``model.train()``, forward + ``model.loss`` + backward (the optimizer is not
     counted); ``train=False``: ``model.eval()`` under ``torch.no_grad``. Gradients are cleared
     afterwards and the model's train/eval mode is restored. The count is the architecture's:
-    CapsNet is counted with its direct convolutions (``conv_impl="direct"``), whichever
-    implementation its steps would take on this device (models/fft_conv.py does less).
+    CapsNet is counted with its direct convolutions (``conv_impl="direct"``) and its plain
+    routing (``routing_kernel="torch"``: u_hat and batched matmuls), whichever implementation its
+    steps would take on this device (models/fft_conv.py does less; the fused routing kernels
+    recompute u_hat and are invisible to the counter).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -202,8 +204,11 @@ def count_flops(model: torch.nn.Module, train: bool, batch_size: int = FLOP_BATC
     x, y = _batch(model, batch_size, device, seed=1)
     was_training = model.training
     conv_impl = getattr(model, "conv_impl", None)
+    routing_kernel = getattr(model, "routing_kernel", None)
     if conv_impl is not None:
         model.conv_impl = "direct"
+    if routing_kernel is not None:
+        model.routing_kernel = "torch"
     try:
         if train:
             model.train()
@@ -220,6 +225,8 @@ def count_flops(model: torch.nn.Module, train: bool, batch_size: int = FLOP_BATC
         model.train(was_training)
         if conv_impl is not None:
             model.conv_impl = conv_impl
+        if routing_kernel is not None:
+            model.routing_kernel = routing_kernel
     by_op = {str(op): n / batch_size for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return counter.get_total_flops() / batch_size, by_op
 

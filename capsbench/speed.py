@@ -23,9 +23,10 @@ Variants (``--variants``, comma-separated):
                     no host synchronisation inside the step (CUDA only).
 ``bf16_cl_compile`` bf16_cl with ``torch.compile(model)`` (CUDA only; compiling takes a while).
 
-``--routing`` picks CapsNet's routing (``auto``: u_hat and batched matmuls unless
-$CAPSBENCH_ROUTING says otherwise; ``torch``; ``triton``: the fused kernels of
-models/fused_routing.py, CUDA only); the ``routing`` column says which ran. ``--conv``
+``--routing`` picks CapsNet's routing (``auto``: the C++ kernels of models/cpu_routing.py on
+CPUs where they build, u_hat and batched matmuls otherwise, unless $CAPSBENCH_ROUTING says
+otherwise; ``torch``; ``triton``: the fused kernels of models/fused_routing.py, CUDA only;
+``cpp``); the ``routing`` column says which ran. ``--conv``
 likewise picks CapsNet's convolutions (``auto``: Conv1 as one GEMM and PrimaryCaps through the
 DFT, models/fft_conv.py, in float32 on CPUs on 28x28 inputs, training at batch >= 32 and inference
 at batch >= 100, F.conv2d otherwise; ``direct``; ``fft``); the ``conv_impl`` and
@@ -153,9 +154,9 @@ def measure(
     opt = make_optimizer(model, 1e-3, device, capturable=opts["graph"])
     x0, y0 = data.batch(batch_size, opts["channels_last"])
     row: dict[str, Any] = {"model": model_name, "variant": variant, "batch_size": batch_size}
-    if hasattr(model, "uses_fused_routing"):
+    if hasattr(model, "routing_impl"):
         u = torch.zeros(1, 1, 1, device=device)
-        row["routing"] = "triton" if model.uses_fused_routing(u) else "torch"
+        row["routing"] = model.routing_impl(u)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
             row["conv_impl"] = "fft" if model.uses_fft_conv(x0) else "direct"
     t0 = time.perf_counter()

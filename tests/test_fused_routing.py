@@ -1,8 +1,9 @@
-"""The fused routing kernels (capsbench/models/fused_routing.py) against the literal Procedure 1.
+"""The fused routing kernels against the literal Procedure 1: the Triton ones
+(capsbench/models/fused_routing.py) and the C++ ones for CPUs (capsbench/models/cpu_routing.py).
 
-Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, which must be
-set before Triton compiles anything, hence a subprocess); the CUDA versions of these checks
-carry the ``gpu`` marker.
+Without a GPU the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, which must
+be set before Triton compiles anything, hence a subprocess); the CUDA versions of these checks
+carry the ``gpu`` marker. The C++ kernels are built here with the machine's compiler.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsbench.models import create_model
+from capsbench.models import cpu_routing, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,12 +78,17 @@ def test_fused_routing_matches_the_literal_procedure_in_the_triton_interpreter()
 
 
 def test_routing_kernel_choices_and_errors(monkeypatch):
-    with pytest.raises(ValueError, match="routing_kernel must be one of auto, torch, triton"):
+    with pytest.raises(ValueError, match="routing_kernel must be one of auto, torch, triton, cpp"):
         create_model("capsnet", routing_kernel="cuda")
     m = create_model("capsnet")
     u = torch.zeros(1, 1152, 8)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not m.uses_fused_routing(u)  # auto on a CPU: u_hat + batched matmuls
+    monkeypatch.delenv("CAPSBENCH_ROUTING", raising=False)
+    assert cpu_routing.library() is not None, cpu_routing.build_error()  # the tests need a C++ compiler
+    assert m.routing_impl(u) == "cpp" and m.uses_fused_routing(u)  # auto on a CPU: the C++ kernels
+    assert m.routing_impl(u.to(torch.bfloat16)) == "torch"  # they take float32 and float64 only
+    monkeypatch.setenv("CAPSBENCH_ROUTING", "torch")
+    assert m.routing_impl(u) == "torch"
     monkeypatch.setenv("CAPSBENCH_ROUTING", "fast")
     with pytest.raises(ValueError, match="CAPSBENCH_ROUTING='fast'"):
         m.uses_fused_routing(u)
@@ -104,9 +110,92 @@ def test_bad_tile_override_names_the_variable(monkeypatch):
         _tiles()
 
 
+def _reference(u, W, J, r, g):
+    """v, c (B, n_in, n_out) and the u / W gradients of the literal procedure, in float64."""
+    from test_models import _literal_routing
+
+    B, NI, _ = u.shape
+    u_hat = torch.einsum("bik,ikn->bin", u, W).view(B, NI, J, -1)
+    v_ref, c_ref = _literal_routing(u_hat, r)
+    return (v_ref, c_ref, *torch.autograd.grad(v_ref, (u, W), g))
+
+
+@pytest.mark.parametrize("r", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(3, 40, 8, 10, 16), (5, 23, 3, 4, 5)])  # the paper's capsules; odd sizes
+def test_cpu_kernels_match_the_literal_procedure(r, shape):
+    B, NI, K8, J, D = shape
+    torch.manual_seed(r)
+    u = torch.randn(B, NI, K8, dtype=torch.float64, requires_grad=True)
+    W = (0.3 * torch.randn(NI, K8, J * D, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(B, J, D, dtype=torch.float64)
+    refs = _reference(u, W, J, r, g)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        uc = u.detach().to(dtype).requires_grad_()
+        Wc = W.detach().to(dtype).requires_grad_()
+        v, c = cpu_routing.routing(uc, Wc, J, r)
+        gu, gW = torch.autograd.grad(v, (uc, Wc), g.to(dtype))
+        for got, ref in zip((v, c.transpose(1, 2), gu, gW), refs, strict=True):
+            scale = max(1.0, ref.abs().max().item())  # float32: relative to the largest entry
+            assert (got.double() - ref).abs().max().item() < tol * scale, (dtype, r)
+
+
+def test_capsnet_with_the_cpu_kernels_matches_the_plain_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    fused = create_model("capsnet", routing_kernel="cpp").train()
+    plain = create_model("capsnet", routing_kernel="torch").train()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.rand(6, 1, 28, 28)
+    y = torch.randint(0, 10, (6,))
+    outs = []
+    for m in (fused, plain):
+        o = m(x, y, keep_coupling=True)
+        m.loss(o, x, y).backward()
+        outs.append(o)
+    assert (outs[0].poses - outs[1].poses).abs().max().item() < 1e-5
+    assert (outs[0].coupling - outs[1].coupling).abs().max().item() < 1e-5
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        scale = b.grad.abs().max().item() + 1e-12
+        assert (a.grad - b.grad).abs().max().item() < 1e-4 * scale, name
+
+
+_NO_COMPILER = r"""
+import sys, torch
+from capsbench.cli import main
+from capsbench.models import create_model
+if sys.argv[1] == "model":
+    m = create_model("capsnet")
+    u = torch.zeros(1, 1152, 8)
+    print("AUTO", m.routing_impl(u))
+    m.routing_kernel = "cpp"
+    try:
+        m.routing_impl(u)
+    except RuntimeError as e:
+        print("ERROR", e)
+else:
+    sys.exit(main(["train", "--model", "capsnet", "--device", "cpu", "--out", sys.argv[1]]))
+"""
+
+
+def test_without_a_compiler_routing_falls_back_and_asking_for_cpp_is_one_error_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CAPSBENCH_ROUTING")}
+    env.update(PATH=str(tmp_path / "empty"), CAPSBENCH_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", _NO_COMPILER, "model"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert "AUTO torch" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert "ERROR routing_kernel 'cpp' cannot run: the C++ library did not build: no C++ compiler found" in p.stdout
+    p = subprocess.run([sys.executable, "-c", _NO_COMPILER, str(tmp_path / "out")], cwd=ROOT,
+                       env={**env, "CAPSBENCH_ROUTING": "cpp"}, capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("capsbench: error: "), p.stderr[-2000:]
+    assert "CAPSBENCH_ROUTING=cpp" in err[0] and "install a C++ compiler" in err[0], err[0]
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").glob("*.so"))
+
+
 @pytest.mark.parametrize("env, argv, needles", [
     ({"CAPSBENCH_ROUTING": "fast"}, ["train", "--model", "capsnet", "--device", "cpu"],
-     ["CAPSBENCH_ROUTING must be one of auto, torch, triton", "'fast'"]),
+     ["CAPSBENCH_ROUTING must be one of auto, torch, triton, cpp", "'fast'"]),
     ({"CAPSBENCH_ROUTING": "triton"}, ["train", "--model", "capsnet", "--device", "cpu"],
      ["need a CUDA device", "--device cpu"]),
     ({}, ["speed", "--routing", "triton", "--device", "cpu"], ["--routing triton", "need a CUDA device"]),

@@ -26,7 +26,7 @@ def test_bf16_autocast_keeps_capsules_and_routing_in_float32():
     model = create_model("capsnet")
     x, y = torch.rand(2, 1, 28, 28), torch.tensor([3, 7])
     seen = {}
-    model.predictions = (lambda f: lambda u: seen.setdefault("u", u) is not None and f(u))(model.predictions)
+    model.route = (lambda f: lambda u, **kw: seen.setdefault("u", u) is not None and f(u, **kw))(model.route)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, y)
         loss = model.loss(out, x, y)
@@ -78,7 +78,7 @@ def test_speed_bench_on_the_cpu(data_root):
     ok, ok_cl, refused = rows
     for r in (ok, ok_cl):
         assert r["images_per_s_train"] > 0 and r["images_per_s_inference"] > 0
-        assert 0 < r["routing_share"] < 1 and r["batch_size"] == 4 and r["routing"] == "torch"
+        assert 0 < r["routing_share"] < 1 and r["batch_size"] == 4 and r["routing"] == "cpp"
         assert r["conv_impl"] == r["conv_impl_inference"] == "direct"  # batches 4 and 8: too small for the FFT path
     assert parse_variant("fp32_cl") == {"bf16": False, "channels_last": True, "graph": False, "compile": False}
     assert "needs a CUDA device" in refused["error"]  # a row with the reason, not a crash

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsbench.models import cpu_routing
 from capsbench.models import fused_routing as fused_routing_module
 from capsbench.models.base import Classifier, ModelOutput, mark
 from capsbench.models.fft_conv import fft_conv2d, gemm_conv2d
@@ -52,11 +53,14 @@ from capsbench.models.registry import register_model
 
 SQUASH_EPS = 1e-7
 # How DigitCaps routes: "torch" writes u_hat and routes with batched matmuls (any device);
-# "triton" never writes u_hat (fused kernels, models/fused_routing.py; CUDA only). "auto" is
-# "torch" for now: on an H100 the fused kernels made routing 7-19% and inference 28% faster
-# but the whole training step no faster (reports/gpu-h100/README.md). The environment
-# variable CAPSBENCH_ROUTING overrides "auto" (CAPSBENCH_ROUTING=triton to use the kernels).
-ROUTING_KERNELS = ("auto", "torch", "triton")
+# "triton" and "cpp" never write u_hat: fused kernels that recompute it, Triton ones for CUDA
+# (models/fused_routing.py) and C++ ones for CPUs (models/cpu_routing.py, compiled on first use).
+# "auto" is "cpp" on CPUs in float32/float64 where the C++ library builds (on the 2-core build
+# machine it ties "torch" at batch 1 and is faster from batch 8: u_hat + routing forward and
+# backward 68 vs 90 ms at batch 100), "torch" otherwise: on an H100 the Triton kernels made
+# routing 7-19% and inference 28% faster but the whole training step no faster
+# (reports/gpu-h100/README.md). The environment variable CAPSBENCH_ROUTING overrides "auto".
+ROUTING_KERNELS = ("auto", "torch", "triton", "cpp")
 # How the two convolutions run: "direct" is F.conv2d (oneDNN / cuDNN); "fft" runs PrimaryCaps
 # as per-frequency matrix products (a third of the arithmetic) and Conv1 as one im2col GEMM
 # (models/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" on CPUs in
@@ -239,8 +243,9 @@ class CapsNet(Classifier):
         reconstruction: attach the decoder and add its loss (weight 0.0005).
         uniform_coupling: fix every coupling coefficient to 1/num_classes (no routing).
         recon_weight: scale of the reconstruction loss.
-        routing_kernel: "auto" (batched matmuls; $CAPSBENCH_ROUTING overrides it), "torch" or
-            "triton" (fused kernels, CUDA); see ROUTING_KERNELS. Same results to float32 rounding.
+        routing_kernel: "auto" ($CAPSBENCH_ROUTING overrides it), "torch" (u_hat and batched
+            matmuls), "triton" (fused kernels, CUDA) or "cpp" (fused kernels, CPU); see
+            ROUTING_KERNELS. Same results to float32 rounding.
         conv_impl: "auto" ($CAPSBENCH_CONV overrides it), "direct" or "fft" (Conv1 by GEMM,
             PrimaryCaps by FFT); see CONV_IMPLS. Same results to float32 rounding.
 
@@ -348,27 +353,36 @@ class CapsNet(Classifier):
                 and max(x.shape[-2:]) <= FFT_CONV_MAX_INPUT
                 and x.shape[0] >= (FFT_CONV_MIN_BATCH if training else FFT_CONV_MIN_INFER_BATCH))
 
-    def uses_fused_routing(self, u: torch.Tensor) -> bool:
-        """Whether :meth:`route` takes the fused kernels for capsules ``u`` (see ROUTING_KERNELS)."""
+    def routing_impl(self, u: torch.Tensor) -> str:
+        """Which routing :meth:`route` runs for capsules ``u``: "torch", "triton" or "cpp" (ROUTING_KERNELS)."""
         kernel = self.routing_kernel
         if kernel == "auto":
-            kernel = os.environ.get("CAPSBENCH_ROUTING", "auto")
+            kernel = os.environ.get("CAPSBENCH_ROUTING") or "auto"
             if kernel not in ROUTING_KERNELS:
                 raise ValueError(f"CAPSBENCH_ROUTING={kernel!r}: expected one of {', '.join(ROUTING_KERNELS)}")
-        if kernel != "triton":
-            return False
-        if not fused_routing_module.available(u):
+        if kernel == "auto":
+            return "cpp" if u.device.type == "cpu" and cpu_routing.available(u, self.W, self.num_classes) else "torch"
+        if kernel == "triton" and not fused_routing_module.available(u):
             raise RuntimeError(
                 f"routing_kernel 'triton' needs Triton and a CUDA tensor (got a {u.device.type} tensor"
                 f"{'' if fused_routing_module.triton is not None else ', Triton not installed'}); "
                 "use routing_kernel='auto' or 'torch'")
-        return True
+        if kernel == "cpp" and not cpu_routing.available(u, self.W, self.num_classes):
+            raise RuntimeError(f"routing_kernel 'cpp' cannot run: {cpu_routing.why_not(u, self.W, self.num_classes)}; "
+                               "use routing_kernel='auto' or 'torch'")
+        return kernel
+
+    def uses_fused_routing(self, u: torch.Tensor) -> bool:
+        """Whether :meth:`route` takes fused kernels (Triton or C++) that never write u_hat."""
+        return self.routing_impl(u) != "torch"
 
     def route(self, u: torch.Tensor, keep_coupling: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """u_hat and dynamic routing of primary capsules u (B, n_in, 8): v and, if asked, c."""
-        if self.uses_fused_routing(u):
+        impl = self.routing_impl(u)
+        if impl != "torch":
             u = mark(u, "u_hat")  # no u_hat is written: the stage is empty, routing holds the time
-            v, c = fused_routing_module.fused_routing(u, self.W, self.num_classes, self.routing_iters)
+            fused = cpu_routing.routing if impl == "cpp" else fused_routing_module.fused_routing
+            v, c = fused(u, self.W, self.num_classes, self.routing_iters)
             return v, (c.transpose(1, 2) if keep_coupling else None)
         return dynamic_routing(self.predictions(u), self.routing_iters, keep_coupling=keep_coupling)
 
