@@ -250,24 +250,26 @@ void forward(const T* u, const T* W, int64_t B, int64_t NI, int64_t J, int itera
   }
 }
 
-// H_i[b, j, :] = sum_t alpha_t[i, b, j] beta_t[b, j, :] for one input capsule i; alpha[t] ==
-// nullptr stands for the uniform couplings 1 / J.
+// H_i[b, j, :] = sum_t alpha_t[i, j, b] beta_t[b, j, :] for one input capsule i, summed over
+// the terms in registers (h is written once); alpha[t] == nullptr stands for the uniform
+// couplings 1 / J.
 template <typename T, int DC>
 inline void h_rows(const T* const* alpha, const T* const* beta, int terms, int64_t i, int64_t B, int64_t J, int D,
                    T inv_j, T* h) {
   const int64_t BJ = B * J;
-  for (int64_t e = 0; e < BJ * D; ++e) h[e] = 0;
-  for (int t = 0; t < terms; ++t) {
-    const T* at = alpha[t] ? alpha[t] + i * BJ : nullptr;
-    const T* bt = beta[t];
-    for (int64_t b = 0; b < B; ++b)  // h and beta_t are (B, J, D), alpha_t[i] (J, B)
-      for (int64_t j = 0; j < J; ++j) {
-        const T a = at ? at[j * B + b] : inv_j;
-        const int64_t e = (b * J + j) * D;
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t e = (b * J + j) * D;  // h and beta_t are (B, J, D), alpha_t[i] (J, B)
+      T acc[DC ? DC : kMaxDim];
+      for (int d = 0; d < D; ++d) acc[d] = 0;
+      for (int t = 0; t < terms; ++t) {
+        const T a = alpha[t] ? alpha[t][i * BJ + j * B + b] : inv_j;
+        const T* bt = beta[t] + e;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) h[e + d] += a * bt[e + d];
+        for (int d = 0; d < D; ++d) acc[d] += a * bt[d];
       }
-  }
+      for (int d = 0; d < D; ++d) h[e + d] = acc[d];
+    }
 }
 
 template <typename T, int K8C, int DC>
