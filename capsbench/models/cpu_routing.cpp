@@ -2,8 +2,9 @@
 // (see cpu_routing.py for the Python side).
 //
 // u is stored (NI, B, K8) and W (NI, K8, J*D), both contiguous; u_hat[b, i, j, :] =
-// sum_k u[i, b, k] W[i, k, j*D : (j+1)*D]; the gradient gu is written (NI, B, K8) as well. Every pass below walks the input capsules i (split
-// over the threads) and, for each, the batch: W_i (K8 x J*D values, 5 kB for the paper's
+// sum_k u[i, b, k] W[i, k, j*D : (j+1)*D]; the gradient gu is written (NI, B, K8) as well.
+// Every pass below walks the input capsules i (split statically over the threads, so a given
+// thread count always adds in the same order) and, for each, the batch: W_i (K8 x J*D values, 5 kB for the paper's
 // CapsNet) stays in the L1 cache while the rows u_hat[b, i] (J*D values) are recomputed into a
 // per-thread buffer and used at once. Everything that routing keeps per (input, output) pair
 // -- logits, couplings, their gradients -- is stored input-major, (NI, J, B), so each pass
@@ -27,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -172,7 +174,8 @@ void forward(const T* u, const T* W, int64_t B, int64_t NI, int64_t J, int itera
   const int64_t n = B * JD;  // values of one s_t
   const int64_t BJ = B * J;
   std::vector<T> part(static_cast<size_t>(threads) * n, T(0));
-  std::vector<T> logits(iterations > 2 ? static_cast<size_t>(NI * BJ) : 0);
+  // written before it is read: left uninitialised (a std::vector would zero 4.6 MB per call)
+  std::unique_ptr<T[]> logits(new T[iterations > 2 ? NI * BJ : 1]);
 #pragma omp parallel num_threads(threads)
   {
     const int parts = team_size();
@@ -196,7 +199,7 @@ void forward(const T* u, const T* W, int64_t B, int64_t NI, int64_t J, int itera
           }
           continue;
         }
-        T* li = iterations > 2 ? logits.data() + i * BJ : lg.data();  // (J, B)
+        T* li = iterations > 2 ? logits.get() + i * BJ : lg.data();  // (J, B)
         for (int64_t b = 0; b < B; ++b) {
           T* row = rows.data() + b * JD;
           uhat_row<T, K8C, DC>(u + (i * B + b) * K8, Wi, row, J, K8, D);
@@ -286,12 +289,12 @@ void backward(const T* u, const T* W, const T* grad_v, const T* s_all, const T* 
   std::vector<T> part(static_cast<size_t>(threads) * n, T(0));
   std::vector<T> gs(static_cast<size_t>(r * n));                                  // g_s_t
   std::vector<T> gv(static_cast<size_t>(n));                                      // g_v of the current t
-  std::vector<T> gb(static_cast<size_t>(r > 1 ? (r - 1) * NI * BJ : 0));          // g_b_t, t = 1 .. r-1
+  std::unique_ptr<T[]> gb(new T[r > 1 ? (r - 1) * NI * BJ : 1]);                 // g_b_t, t = 1 .. r-1
   std::vector<const T*> alpha, beta;  // the 2r - 1 terms of d loss / d u_hat
   for (int t = r - 1; t >= 1; --t) {
     alpha.push_back(c_all + (t - 1) * NI * BJ);
     beta.push_back(gs.data() + t * n);
-    alpha.push_back(gb.data() + (t - 1) * NI * BJ);
+    alpha.push_back(gb.get() + (t - 1) * NI * BJ);
     beta.push_back(v_all + (t - 1) * n);
   }
   alpha.push_back(nullptr);
@@ -309,8 +312,8 @@ void backward(const T* u, const T* W, const T* grad_v, const T* s_all, const T* 
       if (t == 0) break;
       const T* gst = gs.data() + t * n;
       const T* ct = c_all + (t - 1) * NI * BJ;
-      const T* gb_next = t < r - 1 ? gb.data() + t * NI * BJ : nullptr;
-      T* gbt = gb.data() + (t - 1) * NI * BJ;
+      const T* gb_next = t < r - 1 ? gb.get() + t * NI * BJ : nullptr;
+      T* gbt = gb.get() + (t - 1) * NI * BJ;
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < NI; ++i) {
         const T* Wi = W + i * K8 * JD;
