@@ -55,10 +55,11 @@ SQUASH_EPS = 1e-7
 # How DigitCaps routes: "torch" writes u_hat and routes with batched matmuls (any device);
 # "triton" and "cpp" never write u_hat: fused kernels that recompute it, Triton ones for CUDA
 # (models/fused_routing.py) and C++ ones for CPUs (models/cpu_routing.py, compiled on first use).
-# "auto" is "cpp" on CPUs in float32/float64 where the C++ library builds (on the 2-core build
-# machine it ties "torch" at batch 1 and is faster from batch 8: u_hat + routing forward and
-# backward 68 vs 90 ms at batch 100), "torch" otherwise: on an H100 the Triton kernels made
-# routing 7-19% and inference 28% faster but the whole training step no faster
+# "auto" is "cpp" on CPUs in float32/float64 where the C++ library builds, faster at every batch
+# size measured on the 2-core build machine (u_hat + routing forward and backward: batch 1
+# 2.2 vs 4.3 ms, batch 8 5.9 vs 10.3, batch 32 16-17 vs 33-36, batch 100 49-56 vs 89-101 ms),
+# "torch" otherwise: on an H100 the Triton kernels made routing 7-19% and inference 28% faster
+# but the whole training step no faster
 # (reports/gpu-h100/README.md). The environment variable CAPSBENCH_ROUTING overrides "auto".
 ROUTING_KERNELS = ("auto", "torch", "triton", "cpp")
 # How the two convolutions run: "direct" is F.conv2d (oneDNN / cuDNN); "fft" runs PrimaryCaps
