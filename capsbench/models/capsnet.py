@@ -59,8 +59,8 @@ SQUASH_EPS = 1e-7
 # size measured on the 2-core build machine (u_hat + routing forward and backward: batch 1
 # 2.2 vs 4.3 ms, batch 8 5.9 vs 10.3, batch 32 16-17 vs 33-36, batch 100 49-56 vs 89-101 ms),
 # "torch" otherwise: on an H100 the Triton kernels made routing 7-19% and inference 28% faster
-# but the whole training step no faster
-# (reports/gpu-h100/README.md). The environment variable CAPSBENCH_ROUTING overrides "auto".
+# but the whole training step no faster (reports/gpu-h100/README.md). The environment variable
+# CAPSBENCH_ROUTING overrides "auto".
 ROUTING_KERNELS = ("auto", "torch", "triton", "cpp")
 # How the two convolutions run: "direct" is F.conv2d (oneDNN / cuDNN); "fft" runs PrimaryCaps
 # as per-frequency matrix products (a third of the arithmetic) and Conv1 as one im2col GEMM

@@ -93,7 +93,7 @@ def _build() -> ctypes.CDLL:
                 if p.returncode == 0:
                     os.replace(out, target)  # atomic: parallel workers may build at once
                     break
-                errors.append(p.stderr.strip()[-2000:])
+                errors.append(" ".join(p.stderr.split())[:300])  # one line: it ends up in CLI errors
         else:
             raise RuntimeError(f"{cxx} could not compile {SOURCE.name}: {errors[-1]}")
     lib = ctypes.CDLL(str(target))
