@@ -139,19 +139,27 @@ def test_cpu_kernels_match_the_literal_procedure(r, shape):
             assert (got.double() - ref).abs().max().item() < tol * scale, (dtype, r)
 
 
-def test_capsnet_with_the_cpu_kernels_matches_the_plain_path(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def _capsnet_fused_vs_plain(kernel: str, dev: torch.device, batch: int):
+    """One training forward/backward of CapsNet with routing_kernel ``kernel`` and with "torch"
+    (same weights): both models and both outputs."""
     torch.manual_seed(0)
-    fused = create_model("capsnet", routing_kernel="cpp").train()
-    plain = create_model("capsnet", routing_kernel="torch").train()
+    fused = create_model("capsnet", routing_kernel=kernel).to(dev).train()
+    plain = create_model("capsnet", routing_kernel="torch").to(dev).train()
     plain.load_state_dict(fused.state_dict())
-    x = torch.rand(6, 1, 28, 28)
-    y = torch.randint(0, 10, (6,))
+    x = torch.rand(batch, 1, 28, 28, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
     outs = []
     for m in (fused, plain):
         o = m(x, y, keep_coupling=True)
         m.loss(o, x, y).backward()
         outs.append(o)
+    return fused, plain, outs
+
+
+def test_capsnet_with_the_cpu_kernels_matches_the_plain_path(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fused, plain, outs = _capsnet_fused_vs_plain("cpp", torch.device("cpu"), 6)
+    assert fused.routing_impl(torch.zeros(1, 1, 1)) == "cpp"
     assert (outs[0].poses - outs[1].poses).abs().max().item() < 1e-5
     assert (outs[0].coupling - outs[1].coupling).abs().max().item() < 1e-5
     for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
@@ -247,18 +255,8 @@ def test_fused_routing_on_cuda_matches_the_literal_procedure(r):
 @pytest.mark.gpu
 def test_capsnet_on_cuda_with_the_fused_kernels_matches_the_plain_path():
     dev = _cuda()
-    torch.manual_seed(0)
-    fused = create_model("capsnet", routing_kernel="triton").to(dev).train()
-    plain = create_model("capsnet", routing_kernel="torch").to(dev).train()
-    plain.load_state_dict(fused.state_dict())
-    x = torch.rand(32, 1, 28, 28, device=dev)
-    y = torch.randint(0, 10, (32,), device=dev)
+    fused, plain, outs = _capsnet_fused_vs_plain("triton", dev, 32)
     assert fused.uses_fused_routing(torch.zeros(1, 1, 1, device=dev))
-    outs = []
-    for m in (fused, plain):
-        o = m(x, y, keep_coupling=True)
-        m.loss(o, x, y).backward()
-        outs.append(o)
     assert (outs[0].poses - outs[1].poses).abs().max().item() < 1e-5
     assert (outs[0].coupling - outs[1].coupling).abs().max().item() < 1e-5
     for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):

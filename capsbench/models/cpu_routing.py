@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from capsbench.models.fused_routing import routing_shapes
+
 SOURCE = Path(__file__).with_name("cpu_routing.cpp")
 ABI = 2
 # The run-time variant keeps per-row buffers of this many values on the stack (the .cpp's kMaxDim).
@@ -145,14 +147,8 @@ def available(u: torch.Tensor, W: torch.Tensor | None = None, n_out: int | None 
 
 class _Shapes:
     def __init__(self, u: torch.Tensor, W: torch.Tensor, n_out: int):
-        self.B, self.NI, self.K8 = u.shape
-        self.J = n_out
-        if W.shape[0] != self.NI or W.shape[1] != self.K8 or W.shape[2] % n_out:
-            raise ValueError(f"W of shape {tuple(W.shape)} does not fit u of shape {tuple(u.shape)} "
-                             f"and {n_out} output capsules")
-        self.D = W.shape[2] // n_out
-        if max(self.K8, self.D) > MAX_DIM:
-            raise ValueError(f"capsule sizes {self.K8} -> {self.D}: the CPU kernels take at most {MAX_DIM}")
+        # sizes beyond MAX_DIM were turned away by why_not in routing()
+        self.B, self.NI, self.K8, self.J, self.D = routing_shapes(u, W, n_out)
         self.prefix = "capsbench_f32" if u.dtype == torch.float32 else "capsbench_f64"
         self.threads = torch.get_num_threads()
 

@@ -198,14 +198,19 @@ if triton is not None:
                  mask=mcol[None, :] & (d[:, None] < D))
 
 
+def routing_shapes(u: torch.Tensor, W: torch.Tensor, n_out: int) -> tuple[int, int, int, int, int]:
+    """(B, n_in, d_in, n_out, d_out) of capsules ``u`` (B, n_in, d_in) and ``W`` (n_in, d_in, n_out*d_out);
+    shared with the CPU kernels (cpu_routing.py)."""
+    B, NI, K8 = u.shape
+    if W.shape[0] != NI or W.shape[1] != K8 or W.shape[2] % n_out:
+        raise ValueError(f"W of shape {tuple(W.shape)} does not fit u of shape {tuple(u.shape)} "
+                         f"and {n_out} output capsules")
+    return B, NI, K8, n_out, W.shape[2] // n_out
+
+
 class _Shapes:
     def __init__(self, u: torch.Tensor, W: torch.Tensor, n_out: int):
-        self.B, self.NI, self.K8 = u.shape
-        self.J = n_out
-        if W.shape[0] != self.NI or W.shape[1] != self.K8 or W.shape[2] % n_out:
-            raise ValueError(f"W of shape {tuple(W.shape)} does not fit u of shape {tuple(u.shape)} "
-                             f"and {n_out} output capsules")
-        self.D = W.shape[2] // n_out
+        self.B, self.NI, self.K8, self.J, self.D = routing_shapes(u, W, n_out)
         self.KP, self.DP = _p2(self.K8), max(16, _p2(self.D))  # tl.dot needs every side >= 16
         self.BB, self.BK, self.warps, self.stages = _tiles()
         self.BK = max(self.BK, self.KP)
