@@ -201,6 +201,21 @@ def test_without_a_compiler_routing_falls_back_and_asking_for_cpp_is_one_error_l
     assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").glob("*.so"))
 
 
+def test_a_damaged_cached_build_is_built_again(tmp_path):
+    env = {**os.environ, "CAPSBENCH_CACHE": str(tmp_path),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    script = ("import torch; from capsbench.models import create_model; "
+              "print('IMPL', create_model('capsnet').routing_impl(torch.zeros(1, 1152, 8)))")
+    for damage in (False, True):
+        if damage:
+            for so in tmp_path.glob("*.so"):
+                so.write_text("not a library")  # what a full disk or an interrupted copy leaves
+        p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert "IMPL cpp" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert [so.stat().st_size > 1000 for so in tmp_path.glob("*.so")] == [True]
+
+
 @pytest.mark.parametrize("env, argv, needles", [
     ({"CAPSBENCH_ROUTING": "fast"}, ["train", "--model", "capsnet", "--device", "cpu"],
      ["CAPSBENCH_ROUTING must be one of auto, torch, triton, cpp", "'fast'"]),

@@ -76,6 +76,21 @@ def _flags(openmp: bool) -> list[str]:
     return flags
 
 
+def _compile(cxx: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for openmp in (True, False):  # Apple's clang has no -fopenmp: one thread then
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            p = subprocess.run([cxx, *_flags(openmp), str(SOURCE), "-o", str(out)],
+                               capture_output=True, text=True, timeout=300)
+            if p.returncode == 0:
+                os.replace(out, target)  # atomic: parallel workers may build at once
+                return
+            errors.append(" ".join(p.stderr.split())[:300])  # one line: it ends up in CLI errors
+    raise RuntimeError(f"{cxx} could not compile {SOURCE.name}: {errors[-1]}")
+
+
 def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
@@ -84,21 +99,17 @@ def _build() -> ctypes.CDLL:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + version.encode() + _cpu_key().encode() + str(ABI).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_routing-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        errors = []
-        for openmp in (True, False):  # Apple's clang has no -fopenmp: one thread then
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                out = Path(tmp) / target.name
-                p = subprocess.run([cxx, *_flags(openmp), str(SOURCE), "-o", str(out)],
-                                   capture_output=True, text=True, timeout=300)
-                if p.returncode == 0:
-                    os.replace(out, target)  # atomic: parallel workers may build at once
-                    break
-                errors.append(" ".join(p.stderr.split())[:300])  # one line: it ends up in CLI errors
-        else:
-            raise RuntimeError(f"{cxx} could not compile {SOURCE.name}: {errors[-1]}")
-    lib = ctypes.CDLL(str(target))
+    if target.exists():
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError:  # a damaged cached build (a full disk, a copied home): build it again
+            target.unlink(missing_ok=True)
+            lib = None
+    else:
+        lib = None
+    if lib is None:
+        _compile(cxx, target)
+        lib = ctypes.CDLL(str(target))
     if lib.capsbench_routing_abi() != ABI:
         raise RuntimeError(f"{target} is stale; delete it")
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
