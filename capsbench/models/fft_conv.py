@@ -14,11 +14,29 @@ only by float32 rounding, and is closer to a float64 reference than oneDNN's dir
 Everything is real matrix products (BLAS sgemm), with complex numbers kept as separate real
 and imaginary planes ("split" form, the plane axis outermost):
 
-    X  (2, F, B, C)   the half spectrum of the input, F frequencies (below)
-    Wc (2, F, C, Co)  the conjugate spectrum of the zero-padded kernel
-    Z  (2, F, B, Co)  Z[f] = X[f] @ Wc[f], complex: four real batched products
-    y  (Ho, Wo, B, Co) = Dout @ Z: the real part of the inverse transform, at the strided
-                      output positions only (one small dense matrix, 36 x 404 for CapsNet)
+    X  (3, F, B, C)   the half spectrum of the input, F frequencies (below), planes Xr, Xi and
+                      Xr + Xi
+    Wc (3, F, C, Co)  the conjugate spectrum of the zero-padded kernel, planes Wr, Wi, Wr + Wi
+    M  (3, F, B, Co)  M = X @ Wc plane by plane: one real batched product
+    y  (Ho, Wo, B, Co) = Dout @ M: the real part of the inverse transform, at the strided
+                      output positions only (one small dense matrix, 36 x 606 for CapsNet)
+
+The complex product Z = X @ Wc takes three real products instead of four (Gauss's trick):
+with M1 = Xr Wr, M2 = Xi Wi and M3 = (Xr + Xi)(Wr + Wi), Zr = M1 - M2 and Zi = M3 - M1 - M2.
+Z is only ever multiplied by the (real, linear) inverse transform, so those sums are folded
+into its matrix (Dout acts on the planes M1, M2, M3 directly) and cost nothing. The backward
+does the same with the gradient dZ (planes dZr, dZi and their difference D = dZr - dZi, all
+three straight from Dout's transpose):
+
+    dX  = dZ @ Wc^H: Q1 = dZr Wr^T, Q2 = dZi Wi^T, Q3 = D (Wr + Wi)^T,
+                     dXr = Q1 + Q2, dXi = Q1 - Q2 - Q3
+    dWc = X^H @ dZ:  R1 = Xr^T dZr, R2 = Xi^T dZi, R3 = (Xr + Xi)^T D,
+                     dWr = R1 + R2, dWi = R1 - R2 - R3
+
+and the sums are folded into the transposed transforms that carry dX and dWc back. The products are three quarters
+of the layer's arithmetic, so this saves a quarter of it (one forward and backward at
+CapsNet's shapes, batch 100, on the 2-core build machine: 148 + 239 vs 158 + 261 ms with
+four real products; float32 errors stay below the direct convolution's, tests/test_fft_conv.py).
 
 The half spectrum of a real H x W map has H x (W // 2 + 1) frequencies, but in its columns
 fw = 0 and (W even) fw = W / 2 it is Hermitian in fh (X[H - fh] = conj X[fh]), and so are Z
@@ -30,17 +48,15 @@ The transforms are small dense DFT matrices applied one axis at a time (w, then 
 kernel l, then k), each a real matrix product that writes its result in the layout the next
 one reads, so no transposing copies are needed when the input is stored (H, W, B, C), as
 :func:`gemm_conv2d` writes it. Every transform is linear and real, so the backward applies
-the transposed matrices to the gradients: no complex conjugation rules to get wrong, and a
-float64 gradcheck holds it to the same maths (tests/test_fft_conv.py). Conventions:
+the transposed matrices to the gradients (with the sums above folded in): no complex
+conjugation rules to get wrong, and a float64 gradcheck holds it to the same maths (tests/test_fft_conv.py). Conventions:
 
     X[fh, fw]  = sum_{h,w} x[h, w] e^{-2 pi i (fh h / H + fw w / W)}
     Wc[fh, fw] = sum_{k,l} w[k, l] e^{+2 pi i (fh k / H + fw l / W)}
     y[mh, mw]  = Re sum_f a_fw Z[f] e^{+2 pi i (fh s mh / H + fw s mw / W)} / (H W)
 
 where a_fw = 1 for the columns a real inverse FFT counts once (fw = 0 and, for even W, W / 2)
-and 2 for the others. The complex products are four real ones (Zr = Xr Wr - Xi Wi,
-Zi = Xr Wi + Xi Wr), which ran faster than torch's complex bmm on the build machine's MKL
-(95 vs 154 ms at CapsNet's shapes). CapsNet uses this for PrimaryCaps in float32 CPU training
+and 2 for the others. CapsNet uses this for PrimaryCaps in float32 CPU training
 steps and batched inference (models/capsnet.py, ``conv_impl``); on a GPU cuDNN's convolutions
 are the faster choice.
 """
@@ -82,8 +98,16 @@ def _of_complex(E: torch.Tensor) -> torch.Tensor:
 def _maps(H: int, W: int, K: int, L: int, s: int, dtype: torch.dtype, device: torch.device) -> tuple:
     """The real DFT matrices of one geometry (cached): input w -> fw and kernel l -> fw, with the
     columns fw ordered "general" first and then the self-conjugate ones (0 and, for even W, W/2);
-    and per frequency group (in_h, k_k, out, columns): (h, plane) -> (plane, fh), (k, plane) ->
-    (plane, fh), (plane, fh, fw) -> the strided outputs, and the range of fw columns it covers.
+    and per frequency group the matrices (in_h, k_k, out, out_t, in_h_t, k_k_t) and the range
+    (lo, hi) of fw columns it covers:
+
+        in_h    (h, plane) -> (plane, fh): the input's transform along h, planes (r, i)
+        k_k     (k, plane) -> (plane, fh): the kernel's along k
+        out     (M1, M2, M3) -> the strided outputs (the three-product sums folded in)
+        out_t   the output gradient -> (dZr, dZi, dZr - dZi)
+        in_h_t  (Q1, Q2, Q3) -> the gradient of the input's transform along w
+        k_k_t   (R1, R2, R3) -> the gradient of the kernel's transform along l
+
     In the self-conjugate columns the spectrum of real data is Hermitian in fh, so only
     fh = 0 .. H // 2 are computed and the others counted twice in the output map."""
     key = (H, W, K, L, s, dtype, device)
@@ -113,28 +137,21 @@ def _maps(H: int, W: int, K: int, L: int, s: int, dtype: torch.dtype, device: to
             continue
         oh = out_h[:, :rows] * weight
         out = (oh[:, None, :, None] * out_w[None, :, None, lo:hi]).reshape(Ho * Wo, rows * (hi - lo))
-        groups.append((in_h.view(2, H, 2 * H)[:, :rows].reshape(2 * rows, 2 * H),
-                       k_k.view(2, H, 2 * K)[:, :rows].reshape(2 * rows, 2 * K),
-                       torch.cat([out.real, -out.imag], dim=1), lo, hi))
+        Or, Oi = out.real, -out.imag  # y = Or Zr + Oi Zi
+        ih = in_h.view(2, H, 2 * H)[:, :rows]  # (plane, fh, (h, plane'))
+        kk = k_k.view(2, H, 2 * K)[:, :rows]
+        groups.append((ih.reshape(2 * rows, 2 * H), kk.reshape(2 * rows, 2 * K),
+                       torch.cat([Or - Oi, -Or - Oi, Oi], dim=1),
+                       torch.cat([Or, Oi, Or - Oi], dim=1).t(),
+                       torch.cat([ih[0] + ih[1], ih[0] - ih[1], -ih[1]]).t(),
+                       torch.cat([kk[0] + kk[1], kk[0] - kk[1], -kk[1]]).t(), lo, hi))
 
     def conv(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype=dtype, device=device).contiguous()
 
-    cached = (conv(in_w), conv(k_l), [(conv(ih), conv(kk), conv(o), lo, hi) for ih, kk, o, lo, hi in groups])
+    cached = (conv(in_w), conv(k_l), [(*(conv(m) for m in g[:6]), *g[6:]) for g in groups])
     _MAPS[key] = cached
     return cached
-
-
-def _complex_bmm(ar: torch.Tensor, ai: torch.Tensor, br: torch.Tensor, bi: torch.Tensor, out: torch.Tensor,
-                 conj_a: bool = False, conj_b: bool = False) -> torch.Tensor:
-    """out[0] + i out[1] = a @ b per batch, for a = ar + i ai and b = br + i bi, or their
-    conjugates (``conj_a``, ``conj_b``): four real batched products, signs folded into alpha."""
-    sa, sb = (-1.0 if conj_a else 1.0), (-1.0 if conj_b else 1.0)
-    torch.bmm(ar, br, out=out[0])
-    out[0].baddbmm_(ai, bi, alpha=-sa * sb)
-    out[1].baddbmm_(ar, bi, beta=0.0, alpha=sb)  # beta 0: out's old contents are ignored
-    out[1].baddbmm_(ai, br, alpha=sa)
-    return out
 
 
 class _FFTConv2d(torch.autograd.Function):
@@ -151,13 +168,17 @@ class _FFTConv2d(torch.autograd.Function):
         P = torch.matmul(k_l, wt.view(K, L, C * Co)).view(2 * K, Fw * C * Co)
         y = None
         saved = []
-        for in_h, k_k, out, lo, hi in groups:
-            nf = in_h.shape[0] // 2 * (hi - lo)
-            X = torch.mm(in_h, T[:, lo * B * C:hi * B * C]).view(2, nf, B, C)  # (h, plane) -> (plane, fh)
-            Wc = torch.mm(k_k, P[:, lo * C * Co:hi * C * Co]).view(2, nf, C, Co)
-            Z = _complex_bmm(X[0], X[1], Wc[0], Wc[1], x.new_empty(2, nf, B, Co))
-            Zm = Z.view(2 * nf, B * Co)
-            y = torch.mm(out, Zm) if y is None else y.addmm_(out, Zm)
+        for in_h, k_k, out, _, _, _, lo, hi in groups:
+            rows = in_h.shape[0] // 2
+            nf = rows * (hi - lo)
+            X = x.new_empty(3, nf, B, C)  # planes Xr, Xi, Xr + Xi
+            torch.mm(in_h, T[:, lo * B * C:hi * B * C], out=X[:2].view(2 * rows, -1))
+            torch.add(X[0], X[1], out=X[2])
+            Wc = x.new_empty(3, nf, C, Co)
+            torch.mm(k_k, P[:, lo * C * Co:hi * C * Co], out=Wc[:2].view(2 * rows, -1))
+            torch.add(Wc[0], Wc[1], out=Wc[2])
+            M = torch.bmm(X.view(3 * nf, B, C), Wc.view(3 * nf, C, Co)).view(3 * nf, B * Co)
+            y = torch.mm(out, M) if y is None else y.addmm_(out, M)
             saved += [X, Wc]
         y = y.view(Ho, Wo, B, Co).permute(2, 3, 0, 1)
         if bias is not None:
@@ -180,18 +201,16 @@ class _FFTConv2d(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dT = g.new_empty(2 * H, Fw * B * C) if need_x else None
         dP = g.new_empty(2 * K, Fw * C * Co) if need_w else None
-        for i, (in_h, k_k, out, lo, hi) in enumerate(groups):
+        for i, (_, _, _, out_t, in_h_t, k_k_t, lo, hi) in enumerate(groups):
             X, Wc = saved[2 * i], saved[2 * i + 1]
             nf = X.shape[1]
-            dZ = torch.mm(out.t(), g).view(2, nf, B, Co)
-            if need_x:  # dX = dZ @ Wc^H in the split planes
-                Wt = Wc.transpose(2, 3)
-                dX = _complex_bmm(dZ[0], dZ[1], Wt[0], Wt[1], X.new_empty(2, nf, B, C), conj_b=True)
-                torch.mm(in_h.t(), dX.view(in_h.shape[0], -1), out=dT[:, lo * B * C:hi * B * C])
-            if need_w:  # dWc = X^H @ dZ
-                Xt = X.transpose(2, 3)
-                dWc = _complex_bmm(Xt[0], Xt[1], dZ[0], dZ[1], X.new_empty(2, nf, C, Co), conj_a=True)
-                torch.mm(k_k.t(), dWc.view(k_k.shape[0], -1), out=dP[:, lo * C * Co:hi * C * Co])
+            dZ = torch.mm(out_t, g).view(3 * nf, B, Co)  # planes dZr, dZi, dZr - dZi
+            if need_x:  # Q = dZ @ Wc^T plane by plane
+                Q = torch.bmm(dZ, Wc.view(3 * nf, C, Co).transpose(1, 2))
+                torch.mm(in_h_t, Q.view(in_h_t.shape[1], -1), out=dT[:, lo * B * C:hi * B * C])
+            if need_w:  # R = X^T @ dZ plane by plane
+                R = torch.bmm(X.view(3 * nf, B, C).transpose(1, 2), dZ)
+                torch.mm(k_k_t, R.view(k_k_t.shape[1], -1), out=dP[:, lo * C * Co:hi * C * Co])
         dx = dw = db = None
         if need_x:
             dx = torch.matmul(in_w.t(), dT.view(H, 2 * Fw, B * C)).view(H, W, B, C).permute(2, 3, 0, 1)
