@@ -339,16 +339,13 @@ def _check_routing(args: argparse.Namespace) -> None:
     kernels only on a CUDA device and the C++ ones only on a CPU where they build, before a command
     starts rather than at its first step."""
     from capsbench.models import fused_routing
-    from capsbench.models.capsnet import CONV_IMPLS, ROUTING_KERNELS
+    from capsbench.models.capsnet import CONV_IMPLS, ROUTING_KERNELS, env_choice
 
-    conv = os.environ.get("CAPSBENCH_CONV") or "auto"
-    if conv not in CONV_IMPLS:
-        raise ConfigError(f"CAPSBENCH_CONV must be one of {', '.join(CONV_IMPLS)}, got {conv!r}; "
-                          "unset it for the default convolutions")
-    env = os.environ.get("CAPSBENCH_ROUTING") or "auto"
-    if env not in ROUTING_KERNELS:
-        raise ConfigError(f"CAPSBENCH_ROUTING must be one of {', '.join(ROUTING_KERNELS)}, got {env!r}; "
-                          "unset it for the default routing")
+    try:
+        env_choice("CAPSBENCH_CONV", CONV_IMPLS)
+        env = env_choice("CAPSBENCH_ROUTING", ROUTING_KERNELS)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     kernel = getattr(args, "routing", "auto")
     kernel = env if kernel == "auto" else kernel
     device = getattr(args, "device", None)

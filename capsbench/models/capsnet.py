@@ -79,6 +79,16 @@ FFT_CONV_MIN_BATCH = 32
 FFT_CONV_MIN_INFER_BATCH = 100
 
 
+def env_choice(var: str, choices: tuple[str, ...]) -> str:
+    """The value of the environment variable ``var`` ("auto" when unset or empty), checked
+    against ``choices`` (CAPSBENCH_ROUTING, CAPSBENCH_CONV). The CLI runs the same check before a
+    command starts, so the wording of a bad value is one."""
+    value = os.environ.get(var) or "auto"
+    if value not in choices:
+        raise ValueError(f"{var} must be one of {', '.join(choices)}, got {value!r}; unset it for the default")
+    return value
+
+
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
     """Paper eq. 1: shrink short vectors towards 0 and long ones to just below unit length.
 
@@ -344,9 +354,7 @@ class CapsNet(Classifier):
         """Whether the convolutions run as GEMM (Conv1) and FFT (PrimaryCaps) on input ``x`` (CONV_IMPLS)."""
         kind = self.conv_impl
         if kind == "auto":
-            kind = os.environ.get("CAPSBENCH_CONV") or "auto"
-            if kind not in CONV_IMPLS:
-                raise ValueError(f"CAPSBENCH_CONV={kind!r}: expected one of {', '.join(CONV_IMPLS)}")
+            kind = env_choice("CAPSBENCH_CONV", CONV_IMPLS)
         if kind != "auto":
             return kind == "fft" and self.primary.weight.dtype in (torch.float32, torch.float64)
         training = torch.is_grad_enabled() and self.primary.weight.requires_grad
@@ -358,9 +366,7 @@ class CapsNet(Classifier):
         """Which routing :meth:`route` runs for capsules ``u``: "torch", "triton" or "cpp" (ROUTING_KERNELS)."""
         kernel = self.routing_kernel
         if kernel == "auto":
-            kernel = os.environ.get("CAPSBENCH_ROUTING") or "auto"
-            if kernel not in ROUTING_KERNELS:
-                raise ValueError(f"CAPSBENCH_ROUTING={kernel!r}: expected one of {', '.join(ROUTING_KERNELS)}")
+            kernel = env_choice("CAPSBENCH_ROUTING", ROUTING_KERNELS)
         if kernel == "auto":
             return "cpp" if u.device.type == "cpu" and cpu_routing.available(u, self.W, self.num_classes) else "torch"
         if kernel == "triton" and not fused_routing_module.available(u):
