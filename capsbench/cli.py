@@ -55,7 +55,9 @@ def _positive_float(text: str) -> float:
 def _add_speed_args(p: argparse.ArgumentParser) -> None:
     """The flags that choose how training runs on a GPU (``capsbench train`` and ``run``)."""
     p.add_argument("--amp", choices=["bf16"], default=None, help="train under bf16 autocast (CUDA only)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs (faster on GPUs)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC weights and inputs (faster on GPUs). Default: on CPUs for the models whose "
+                        "convolutions run faster that way (efficientnet_b0, lenet5), off elsewhere")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole training step as one CUDA graph and replay it (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")

@@ -244,12 +244,15 @@ def predict(
         scores (N, C) and confidence (N, C), float32 on the CPU.
     """
     device = device or next(model.parameters()).device
+    channels_last = _in_channels_last(model)  # inputs follow the weights' memory format
     was_training = model.training
     model.eval()
     scores, conf = [], []
     try:
         for i in range(0, x.shape[0], batch_size):
             xb = x[i : i + batch_size].to(device, non_blocking=True)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
                 out = model(xb)
             scores.append(out.scores.float())
@@ -286,7 +289,9 @@ class TrainResult:
 class SpeedOptions:
     """How a job runs on its device, not what it computes: none of this is in the job key.
 
-    channels_last: weights and inputs in NHWC (faster convolutions on tensor cores).
+    channels_last: weights and inputs in NHWC (faster convolutions on tensor cores); None
+        (the default) leaves it to :func:`channels_last_for`: on CPUs for the models that
+        declare ``cpu_channels_last``, off elsewhere.
     cuda_graph: capture the whole step (forward, loss, backward, Adam) once as a CUDA graph
         and replay it (CUDA only): no launch overhead, no host synchronisation in the step.
     compile: ``torch.compile`` the model (CUDA only here; compiling takes a while).
@@ -294,7 +299,7 @@ class SpeedOptions:
         job's history (the learning curve; costs one test-set pass per epoch).
     """
 
-    channels_last: bool = False
+    channels_last: bool | None = None
     cuda_graph: bool = False
     compile: bool = False
     curve: bool = False
@@ -305,6 +310,30 @@ class SpeedOptions:
         if self.cuda_graph and self.compile:
             raise ConfigError("use one of --cuda-graph and --compile, not both")
         return self
+
+
+def channels_last_for(model: torch.nn.Module, dev: torch.device, requested: bool | None = None) -> bool:
+    """Whether ``model`` trains and predicts on ``dev`` with NHWC weights and inputs: as
+    requested (``--channels-last`` / ``--no-channels-last``), else on CPUs where the model
+    declares ``cpu_channels_last`` (oneDNN ran its convolutions faster that way; the same
+    arithmetic in another order, so results differ only by float32 rounding)."""
+    if requested is not None:
+        return requested
+    return dev.type == "cpu" and bool(getattr(model, "cpu_channels_last", False))
+
+
+def _in_channels_last(model: torch.nn.Module) -> bool:
+    """Whether the model's convolution weights are stored NHWC (its inputs should be too): the
+    first 4-D weight whose NHWC and NCHW strides differ decides (compared as strides: with one
+    input channel, as in depthwise convolutions, both layouts count as contiguous)."""
+    for p in model.parameters():
+        if p.dim() != 4:
+            continue
+        _, c, h, w = p.shape
+        nhwc, nchw = (h * w * c, 1, w * c, c), (c * h * w, h * w, w, 1)
+        if nhwc != nchw:
+            return p.stride() == nhwc
+    return False
 
 
 def check_device_options(dev: torch.device, amp: str | None, speed: SpeedOptions | None = None) -> SpeedOptions:
@@ -478,7 +507,8 @@ def _train_locked(
     steps_per_epoch = math.ceil(n / bs)
 
     lr = cfg.lr if cfg.lr is not None else profile.lr_for(cfg.model)
-    if speed.channels_last:
+    channels_last = channels_last_for(model, dev, speed.channels_last)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, lr, dev, capturable=speed.cuda_graph)
     if profile.lr_schedule == "linear":  # to 0 at the end of the budget
@@ -557,7 +587,7 @@ def _train_locked(
             perm_epoch = epoch
         idx = perm[pos * bs : (pos + 1) * bs]
         x = proto.augment(to_float(images[idx]), _generator(cfg.seed, epoch, pos, 1))
-        if speed.channels_last:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         if one_step is None:
@@ -629,6 +659,7 @@ def _train_locked(
             "history": history,
             "params": count_parameters(model),
             "device": str(dev),
+            "channels_last": channels_last,
             "environment": environment_info(dev),
             "data_checksums": sums,
         },
@@ -649,6 +680,8 @@ def load_finished(
     model = build_model(cfg, dev)
     state = torch.load(job_dir / "checkpoint.pt", map_location=dev, weights_only=False)
     model.load_state_dict(state["model"])
+    if channels_last_for(model, dev):
+        model = model.to(memory_format=torch.channels_last)
     return TrainResult(
         cfg, model, job_dir, meta["steps_done"], meta["train_time_s"], meta["images_per_s"], True,
         meta.get("stopped_early_at"), meta.get("history", []), meta.get("data_checksums", {}),

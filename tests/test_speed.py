@@ -171,3 +171,44 @@ def test_a_suite_runs_with_speed_options_and_records_them(tmp_path, data_root):
         run_suite("part_shuffle", models=["lenet5"], profile="smoke", device="cpu", out=tmp_path / "b",
                   data_root=data_root, progress=False, log=lambda m: None, amp="bf16")
     assert not (tmp_path / "b").exists()  # refused before anything was created
+
+
+def test_channels_last_is_on_by_default_on_cpus_only_where_a_model_asks_for_it():
+    from capsbench.runner import channels_last_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for name, on_cpu in (("efficientnet_b0", True), ("lenet5", True), ("cnn_maxpool", False), ("capsnet", False)):
+        m = create_model(name)
+        assert channels_last_for(m, cpu) is on_cpu, name
+        assert channels_last_for(m, cuda) is False, name  # GPUs: only when asked (--channels-last)
+        assert channels_last_for(m, cpu, requested=False) is False and channels_last_for(m, cuda, requested=True)
+
+
+def test_the_default_memory_format_trains_and_predicts_the_same_model(tmp_path, data_root):
+    """lenet5 on the CPU: NHWC by default (recorded in job.json), NCHW with --no-channels-last.
+    The same arithmetic in another order: after 5 steps the weights agree to float32 rounding
+    (Adam amplifies it later on: 1e-3 after 20 steps), and both models score the test images
+    alike (predict feeds inputs in the weights' layout); a job reloaded from its checkpoint on
+    the CPU is NHWC again."""
+    import json
+
+    from capsbench.data import ensure_dataset
+    from capsbench.runner import _in_channels_last, load_finished, predict, to_float
+
+    cfg = TrainConfig(model="lenet5", steps=5, batch_size=32, train_limit=640, seed=3)
+    kw = dict(data_root=data_root, device="cpu", progress=False, log=lambda m: None)
+    a = train(cfg, out=tmp_path / "a", **kw)
+    b = train(cfg, out=tmp_path / "b", speed=SpeedOptions(channels_last=False), **kw)
+    assert _in_channels_last(a.model) and not _in_channels_last(b.model)
+    assert json.loads((a.job_dir / "job.json").read_text())["channels_last"] is True
+    assert json.loads((b.job_dir / "job.json").read_text())["channels_last"] is False
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    for k in sa:
+        assert (sa[k] - sb[k]).abs().max() < 1e-5, k
+    x = to_float(ensure_dataset("mnist", root=data_root, split="test").images[:200])
+    pa, pb = predict(a.model, x)[0], predict(b.model, x)[0]
+    torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-4)
+    assert (pa.argmax(1) == pb.argmax(1)).float().mean() > 0.99
+    reloaded = load_finished(cfg, tmp_path / "b", "cpu")
+    assert _in_channels_last(reloaded.model)
+    torch.testing.assert_close(predict(reloaded.model, x)[0], pb, rtol=1e-4, atol=1e-4)
