@@ -65,6 +65,7 @@ import torch
 
 from capsbench.errors import ConfigError
 from capsbench.models import count_parameters, create_model, model_info
+from capsbench.runner import channels_last_for
 
 DEFAULT_MODELS = ("capsnet", "lenet5", "cnn_maxpool", "efficientnet_b0")
 CUDA_BATCH_SIZES = (1, 32, 128, 512)
@@ -743,7 +744,10 @@ def _profile(models, batch_sizes, routing_iters, dev, repeats, warmup, budget_s,
             "(whole process, monotone); peak_rss_increase_bytes = its growth during the configuration",
             "stages": "stage_time_s medians over instrumented steps; stage_share = stage / step summed "
             "over those steps; 'other' = loss, code after the last mark, optimizer (pass 'optimizer')",
+            "channels_last": "per model: NHWC weights and inputs, as the runner trains it on this device "
+            "(capsbench.runner.channels_last_for)",
         },
+        "channels_last": {},
         "flops_by_op": {},
         "timing": {},
         "traces": [],
@@ -787,6 +791,8 @@ def _profile_config(
     if r is not None:
         kw["routing_iters"] = r
     model = create_model(cfg.model, **kw).to(dev)
+    channels_last = channels_last_for(model, dev)  # timed in the layout the runner trains it in
+    meta["channels_last"][cfg.model] = channels_last
     model_cell = "model" + suffix
     out.append(row(model_cell, "params", count_parameters(model), 1))
     for train, metric in ((False, "flops_inference"), (True, "flops_train_step")):
@@ -803,10 +809,14 @@ def _profile_config(
             out.append(row(model_cell, metric, rf, 1))
     say(f"{label}: {count_parameters(model):,} params")
 
+    if channels_last:  # after the FLOP counts, which do not depend on it
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for bs in cfg.batch_sizes:
         cell = f"bs{bs}{suffix}"
         x, y = _batch(model, bs, dev)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         rss0 = _maxrss_bytes()
         msg = [f"{label} bs{bs}:"]
         for mode, metrics in (("inference", INFER_METRICS), ("train", TRAIN_METRICS)):

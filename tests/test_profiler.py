@@ -199,6 +199,7 @@ def test_write_profile(tiny, tmp_path):
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["settings"]["routing_iters"] == [1, 3] and meta["environment"]["torch"] == torch.__version__
     assert "aten.bmm" in meta["flops_by_op"]["capsnet r3"]["flops_train_step"]
+    assert meta["channels_last"] == {"capsnet": False, "lenet5": True}  # as the runner trains them on a CPU
 
 
 def test_cli_profile_writes_results(tmp_path, capsys):
