@@ -341,7 +341,9 @@ def _check_routing(args: argparse.Namespace) -> None:
     kernels only on a CUDA device and the C++ ones only on a CPU where they build, before a command
     starts rather than at its first step."""
     from capsbench.models import fused_routing
-    from capsbench.models.capsnet import CONV_IMPLS, ROUTING_KERNELS, env_choice
+    from capsbench.models.base import env_choice
+    from capsbench.models.capsnet import ROUTING_KERNELS
+    from capsbench.models.fft_conv import CONV_IMPLS
 
     try:
         env_choice("CAPSBENCH_CONV", CONV_IMPLS)

@@ -149,6 +149,7 @@ def add_commands(sub, add_common) -> None:
     s.add_argument("--conv", dest="conv_impl", choices=("auto", "direct", "fft"), default="auto",
                    help="CapsNet's convolutions: auto (= fft for float32 CPU training steps on 28x28 inputs at batch >= 32 and inference at "
                         "batch >= 100, direct otherwise, unless $CAPSBENCH_CONV says otherwise), direct (F.conv2d) or fft (Conv1 by GEMM, "
-                        "PrimaryCaps by FFT; models/fft_conv.py)")
+                        "PrimaryCaps by FFT; models/fft_conv.py); cnn_maxpool / cnn_strided: fft runs their second "
+                        "convolution by the DFT (auto = direct)")
     add_common(s)
     s.set_defaults(func=cmd_speed)

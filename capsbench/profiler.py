@@ -194,7 +194,8 @@ def count_flops(model: torch.nn.Module, train: bool, batch_size: int = FLOP_BATC
     ``train=True``: ``model.train()``, forward + ``model.loss`` + backward (the optimizer is not
     counted); ``train=False``: ``model.eval()`` under ``torch.no_grad``. Gradients are cleared
     afterwards and the model's train/eval mode is restored. The count is the architecture's:
-    CapsNet is counted with its direct convolutions (``conv_impl="direct"``) and its plain
+    CapsNet and the pooling CNNs are counted with their direct convolutions
+    (``conv_impl="direct"``), CapsNet with its plain
     routing (``routing_kernel="torch"``: u_hat and batched matmuls), whichever implementation its
     steps would take on this device (models/fft_conv.py does less; the fused routing kernels
     recompute u_hat and are invisible to the counter).

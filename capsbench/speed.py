@@ -29,7 +29,8 @@ otherwise; ``torch``; ``triton``: the fused kernels of models/fused_routing.py, 
 ``cpp``); the ``routing`` column says which ran. ``--conv``
 likewise picks CapsNet's convolutions (``auto``: Conv1 as one GEMM and PrimaryCaps through the
 DFT, models/fft_conv.py, in float32 on CPUs on 28x28 inputs, training at batch >= 32 and inference
-at batch >= 100, F.conv2d otherwise; ``direct``; ``fft``); the ``conv_impl`` and
+at batch >= 100, F.conv2d otherwise; ``direct``; ``fft``) and those of the pooling CNNs (their
+second convolution through the DFT with ``fft`` only, baselines/cnn.py); the ``conv_impl`` and
 ``conv_impl_inference`` columns say which the training step and the inference ran.
 
 Rows per (variant, batch size): ``images_per_s_train`` (batch / median step time),
@@ -147,6 +148,7 @@ def measure(
     model = create_model(model_name).to(device)
     if hasattr(model, "routing_kernel"):
         model.routing_kernel = routing
+    if hasattr(model, "conv_impl"):
         model.conv_impl = conv_impl
     if opts["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -157,6 +159,7 @@ def measure(
     if hasattr(model, "routing_impl"):
         u = torch.zeros(1, 1, 1, device=device)
         row["routing"] = model.routing_impl(u)
+    if hasattr(model, "uses_fft_conv"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):
             row["conv_impl"] = "fft" if model.uses_fft_conv(x0) else "direct"
     t0 = time.perf_counter()

@@ -162,3 +162,37 @@ def test_fft_conv_on_cuda_matches_the_cpu():
         outs.append([t.cpu() for t in (y, *torch.autograd.grad(y.square().sum(), args))])
     for a, c in zip(*outs, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["cnn_maxpool", "cnn_strided"])
+@pytest.mark.parametrize("size", [28, 40])
+def test_pooling_cnns_compute_the_same_with_either_convolution(name, size):
+    """The second convolution by the DFT: output and every gradient as F.conv2d's, in float64
+    (in float32 a max-pooling window can pick another of two near-equal values)."""
+    torch.manual_seed(0)
+    a = create_model(name, input_size=size, conv_impl="fft").double()
+    b = create_model(name, input_size=size, conv_impl="direct").double()
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(6, 1, size, size, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,))
+    assert a.uses_fft_conv(x) and not b.uses_fft_conv(x)
+    oa, ob = a(x), b(x)
+    torch.testing.assert_close(oa.scores, ob.scores, rtol=1e-12, atol=1e-12)
+    F.cross_entropy(oa.scores, y).backward()
+    F.cross_entropy(ob.scores, y).backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_pooling_cnns_take_the_dft_only_when_asked(monkeypatch):
+    m = create_model("cnn_maxpool").train()
+    x = torch.zeros(32, 1, 28, 28)
+    assert not m.uses_fft_conv(x) and not create_model("cnn_strided").uses_fft_conv(x)
+    assert create_model("cnn_maxpool", conv_impl="fft").uses_fft_conv(x[:2])
+    monkeypatch.setenv("CAPSBENCH_CONV", "fft")
+    assert m.uses_fft_conv(x[:2])
+    monkeypatch.setenv("CAPSBENCH_CONV", "fast")
+    with pytest.raises(ValueError, match="CAPSBENCH_CONV must be one of auto, direct, fft, got 'fast'"):
+        m(x)
+    with pytest.raises(ValueError, match="conv_impl must be one of auto, direct, fft"):
+        create_model("cnn_maxpool", conv_impl="winograd")

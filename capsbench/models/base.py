@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,16 @@ class Classifier(nn.Module):
     def confidence(self, out: ModelOutput) -> torch.Tensor:
         """(B, C) confidence per class in [0, 1]: softmax for CNNs, capsule length for capsules."""
         return out.scores.float().softmax(dim=1)
+
+
+def env_choice(var: str, choices: tuple[str, ...]) -> str:
+    """The value of the environment variable ``var`` ("auto" when unset or empty), checked
+    against ``choices`` (CAPSBENCH_ROUTING, CAPSBENCH_CONV). The models and the CLI (before a
+    command starts) both check with it, so a bad value has one wording."""
+    value = os.environ.get(var) or "auto"
+    if value not in choices:
+        raise ValueError(f"{var} must be one of {', '.join(choices)}, got {value!r}; unset it for the default")
+    return value
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -39,16 +39,14 @@ Choices the paper leaves open, and what we do:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from capsbench.models import cpu_routing
 from capsbench.models import fused_routing as fused_routing_module
-from capsbench.models.base import Classifier, ModelOutput, mark
-from capsbench.models.fft_conv import fft_conv2d, gemm_conv2d
+from capsbench.models.base import Classifier, ModelOutput, env_choice, mark
+from capsbench.models.fft_conv import check_conv_impl, fft_conv2d, gemm_conv2d, wants_fft
 from capsbench.models.registry import register_model
 
 SQUASH_EPS = 1e-7
@@ -72,21 +70,11 @@ ROUTING_KERNELS = ("auto", "torch", "triton", "cpp")
 # fft 87 vs direct 56, at 100 143 vs 64; inference at batch 48-64 they tie (~310 images/s), at
 # 100 fft 372-397 vs 283-319, at 500 (runner.predict) 414-457 vs 308-321. "direct" everywhere
 # else (GPUs, autocast, small batches, affNIST's 40x40). The environment variable
-# CAPSBENCH_CONV overrides "auto".
-CONV_IMPLS = ("auto", "direct", "fft")
+# CAPSBENCH_CONV overrides "auto" (CONV_IMPLS, fft_conv.wants_fft).
 FFT_CONV_MAX_INPUT = 28
 FFT_CONV_MIN_BATCH = 32
 FFT_CONV_MIN_INFER_BATCH = 100
 
-
-def env_choice(var: str, choices: tuple[str, ...]) -> str:
-    """The value of the environment variable ``var`` ("auto" when unset or empty), checked
-    against ``choices`` (CAPSBENCH_ROUTING, CAPSBENCH_CONV). The CLI runs the same check before a
-    command starts, so the wording of a bad value is one."""
-    value = os.environ.get(var) or "auto"
-    if value not in choices:
-        raise ValueError(f"{var} must be one of {', '.join(choices)}, got {value!r}; unset it for the default")
-    return value
 
 
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
@@ -293,10 +281,8 @@ class CapsNet(Classifier):
             raise ValueError(f"routing_iters must be >= 1, got {routing_iters}")
         if routing_kernel not in ROUTING_KERNELS:
             raise ValueError(f"routing_kernel must be one of {', '.join(ROUTING_KERNELS)}, got {routing_kernel!r}")
-        if conv_impl not in CONV_IMPLS:
-            raise ValueError(f"conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
         self.routing_kernel = routing_kernel
-        self.conv_impl = conv_impl
+        self.conv_impl = check_conv_impl(conv_impl)
         self.routing_iters = 1 if uniform_coupling else routing_iters
         self.uniform_coupling = uniform_coupling
         self.recon_weight = recon_weight
@@ -352,15 +338,8 @@ class CapsNet(Classifier):
 
     def uses_fft_conv(self, x: torch.Tensor) -> bool:
         """Whether the convolutions run as GEMM (Conv1) and FFT (PrimaryCaps) on input ``x`` (CONV_IMPLS)."""
-        kind = self.conv_impl
-        if kind == "auto":
-            kind = env_choice("CAPSBENCH_CONV", CONV_IMPLS)
-        if kind != "auto":
-            return kind == "fft" and self.primary.weight.dtype in (torch.float32, torch.float64)
-        training = torch.is_grad_enabled() and self.primary.weight.requires_grad
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and max(x.shape[-2:]) <= FFT_CONV_MAX_INPUT
-                and x.shape[0] >= (FFT_CONV_MIN_BATCH if training else FFT_CONV_MIN_INFER_BATCH))
+        return wants_fft(self.conv_impl, x, self.primary.weight, FFT_CONV_MIN_BATCH, FFT_CONV_MIN_INFER_BATCH,
+                         FFT_CONV_MAX_INPUT)
 
     def routing_impl(self, u: torch.Tensor) -> str:
         """Which routing :meth:`route` runs for capsules ``u``: "torch", "triton" or "cpp" (ROUTING_KERNELS)."""

@@ -68,7 +68,41 @@ import math
 import torch
 import torch.nn.functional as F
 
+from capsbench.models.base import env_choice
+
+# How a model's large convolutions run: "direct" is F.conv2d (oneDNN / cuDNN); "fft" runs them
+# through this module (the same convolutions to float32 rounding); "auto" decides per call
+# (:func:`wants_fft`). The environment variable CAPSBENCH_CONV overrides "auto".
+CONV_IMPLS = ("auto", "direct", "fft")
+
 _MAPS: dict[tuple, tuple] = {}
+
+
+def check_conv_impl(conv_impl: str) -> str:
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {', '.join(CONV_IMPLS)}, got {conv_impl!r}")
+    return conv_impl
+
+
+def wants_fft(conv_impl: str, x: torch.Tensor, weight: torch.Tensor, min_batch: int | None = None,
+              min_infer_batch: int | None = None, max_input: int | None = None) -> bool:
+    """Whether a model with ``conv_impl`` runs its convolutions by the DFT on its input ``x``.
+
+    "fft" and "direct" (from the model or, for "auto", from CAPSBENCH_CONV) are obeyed; "auto"
+    takes the DFT where it measured faster: on CPUs, in float32 without autocast, on inputs up
+    to ``max_input`` pixels a side, from batch ``min_batch`` in training steps (``weight``
+    requires grad) and ``min_infer_batch`` in inference. The weight transform costs the same at
+    any batch size, so small batches stay direct. Without thresholds "auto" is "direct".
+    """
+    kind = conv_impl if conv_impl != "auto" else env_choice("CAPSBENCH_CONV", CONV_IMPLS)
+    if kind != "auto":
+        return kind == "fft" and weight.dtype in (torch.float32, torch.float64)
+    if min_batch is None or min_infer_batch is None or max_input is None:
+        return False
+    training = torch.is_grad_enabled() and weight.requires_grad
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and max(x.shape[-2:]) <= max_input
+            and x.shape[0] >= (min_batch if training else min_infer_batch))
 
 
 def _cis(rows: int, row_step: int, cols: int, col_step: int, n: int, sign: int) -> torch.Tensor:
@@ -265,4 +299,4 @@ def fft_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return _FFTConv2d.apply(x, weight, bias, int(stride))
 
 
-__all__ = ["fft_conv2d", "gemm_conv2d"]
+__all__ = ["CONV_IMPLS", "check_conv_impl", "fft_conv2d", "gemm_conv2d", "wants_fft"]
