@@ -33,10 +33,11 @@ three straight from Dout's transpose):
     dWc = X^H @ dZ:  R1 = Xr^T dZr, R2 = Xi^T dZi, R3 = (Xr + Xi)^T D,
                      dWr = R1 + R2, dWi = R1 - R2 - R3
 
-and the sums are folded into the transposed transforms that carry dX and dWc back. The products are three quarters
-of the layer's arithmetic, so this saves a quarter of it (one forward and backward at
-CapsNet's shapes, batch 100, on the 2-core build machine: 148 + 239 vs 158 + 261 ms with
-four real products; float32 errors stay below the direct convolution's, tests/test_fft_conv.py).
+and the sums are folded into the transposed transforms that carry dX and dWc back. The
+products are three quarters of the layer's arithmetic, so this saves a quarter of it (one
+forward and backward at CapsNet's shapes, batch 100, on the 2-core build machine: 148 + 239
+vs 158 + 261 ms with four real products; float32 errors stay below the direct convolution's,
+tests/test_fft_conv.py).
 
 The half spectrum of a real H x W map has H x (W // 2 + 1) frequencies, but in its columns
 fw = 0 and (W even) fw = W / 2 it is Hermitian in fh (X[H - fh] = conj X[fh]), and so are Z
@@ -49,16 +50,17 @@ kernel l, then k), each a real matrix product that writes its result in the layo
 one reads, so no transposing copies are needed when the input is stored (H, W, B, C), as
 :func:`gemm_conv2d` writes it. Every transform is linear and real, so the backward applies
 the transposed matrices to the gradients (with the sums above folded in): no complex
-conjugation rules to get wrong, and a float64 gradcheck holds it to the same maths (tests/test_fft_conv.py). Conventions:
+conjugation rules to get wrong, and a float64 gradcheck holds it to the same maths
+(tests/test_fft_conv.py). Conventions:
 
     X[fh, fw]  = sum_{h,w} x[h, w] e^{-2 pi i (fh h / H + fw w / W)}
     Wc[fh, fw] = sum_{k,l} w[k, l] e^{+2 pi i (fh k / H + fw l / W)}
     y[mh, mw]  = Re sum_f a_fw Z[f] e^{+2 pi i (fh s mh / H + fw s mw / W)} / (H W)
 
 where a_fw = 1 for the columns a real inverse FFT counts once (fw = 0 and, for even W, W / 2)
-and 2 for the others. CapsNet uses this for PrimaryCaps in float32 CPU training
-steps and batched inference (models/capsnet.py, ``conv_impl``); on a GPU cuDNN's convolutions
-are the faster choice.
+and 2 for the others. CapsNet uses this for PrimaryCaps in float32 CPU training steps and
+batched inference (models/capsnet.py, ``conv_impl``), the pooling CNNs for their second
+convolution when asked (baselines/cnn.py); on a GPU cuDNN's convolutions are the faster choice.
 """
 
 from __future__ import annotations
