@@ -16,7 +16,8 @@ and imaginary planes ("split" form, the plane axis outermost):
 
     X  (3, F, B, C)   the half spectrum of the input, F frequencies (below), planes Xr, Xi and
                       Xr + Xi
-    Wc (3, F, C, Co)  the conjugate spectrum of the zero-padded kernel, planes Wr, Wi, Wr + Wi
+    Wc (3, F, Co, C)  the conjugate spectrum of the zero-padded kernel, planes Wr, Wi, Wr + Wi,
+                      each frequency's (C x Co) matrix stored transposed as the kernel is
     M  (3, F, B, Co)  M = X @ Wc plane by plane: one real batched product
     y  (Ho, Wo, B, Co) = Dout @ M: the real part of the inverse transform, at the strided
                       output positions only (one small dense matrix, 36 x 606 for CapsNet)
@@ -200,8 +201,8 @@ class _FFTConv2d(torch.autograd.Function):
         in_w, k_l, groups = _maps(H, W, K, L, stride, x.dtype, x.device)
         xt = x.permute(2, 3, 0, 1).contiguous()  # (H, W, B, C); no copy for gemm_conv2d's output
         T = torch.matmul(in_w, xt.view(H, W, B * C)).view(2 * H, Fw * B * C)  # rows (h, plane), cols (fw', b, c)
-        wt = w.permute(2, 3, 1, 0).contiguous()  # (K, L, C, Co)
-        P = torch.matmul(k_l, wt.view(K, L, C * Co)).view(2 * K, Fw * C * Co)
+        wt = w.view(Co * C, K * L).t().contiguous()  # (K, L, Co, C): one plain transpose
+        P = torch.matmul(k_l, wt.view(K, L, Co * C)).view(2 * K, Fw * Co * C)
         y = None
         saved = []
         for in_h, k_k, out, _, _, _, lo, hi in groups:
@@ -210,10 +211,10 @@ class _FFTConv2d(torch.autograd.Function):
             X = x.new_empty(3, nf, B, C)  # planes Xr, Xi, Xr + Xi
             torch.mm(in_h, T[:, lo * B * C:hi * B * C], out=X[:2].view(2 * rows, -1))
             torch.add(X[0], X[1], out=X[2])
-            Wc = x.new_empty(3, nf, C, Co)
+            Wc = x.new_empty(3, nf, Co, C)  # each frequency's matrix stored transposed, as w is
             torch.mm(k_k, P[:, lo * C * Co:hi * C * Co], out=Wc[:2].view(2 * rows, -1))
             torch.add(Wc[0], Wc[1], out=Wc[2])
-            M = torch.bmm(X.view(3 * nf, B, C), Wc.view(3 * nf, C, Co)).view(3 * nf, B * Co)
+            M = torch.bmm(X.view(3 * nf, B, C), Wc.view(3 * nf, Co, C).transpose(1, 2)).view(3 * nf, B * Co)
             y = torch.mm(out, M) if y is None else y.addmm_(out, M)
             saved += [X, Wc]
         y = y.view(Ho, Wo, B, Co).permute(2, 3, 0, 1)
@@ -241,11 +242,11 @@ class _FFTConv2d(torch.autograd.Function):
             X, Wc = saved[2 * i], saved[2 * i + 1]
             nf = X.shape[1]
             dZ = torch.mm(out_t, g).view(3 * nf, B, Co)  # planes dZr, dZi, dZr - dZi
-            if need_x:  # Q = dZ @ Wc^T plane by plane
-                Q = torch.bmm(dZ, Wc.view(3 * nf, C, Co).transpose(1, 2))
+            if need_x:  # Q = dZ @ Wc^T plane by plane (Wc is stored transposed)
+                Q = torch.bmm(dZ, Wc.view(3 * nf, Co, C))
                 torch.mm(in_h_t, Q.view(in_h_t.shape[1], -1), out=dT[:, lo * B * C:hi * B * C])
-            if need_w:  # R = X^T @ dZ plane by plane
-                R = torch.bmm(X.view(3 * nf, B, C).transpose(1, 2), dZ)
+            if need_w:  # R^T = dZ^T @ X plane by plane, in Wc's (Co, C) layout
+                R = torch.bmm(dZ.transpose(1, 2), X.view(3 * nf, B, C))
                 torch.mm(k_k_t, R.view(k_k_t.shape[1], -1), out=dP[:, lo * C * Co:hi * C * Co])
         dx = dw = db = None
         if need_x:
@@ -253,9 +254,8 @@ class _FFTConv2d(torch.autograd.Function):
             if ctx.x_stride is not None and dx.stride() != ctx.x_stride:
                 dx = dx.new_empty_strided(dx.shape, ctx.x_stride).copy_(dx)
         if need_w:
-            dwt = torch.matmul(k_l.t(), dP.view(K, 2 * Fw, C * Co))  # (K, L, C Co)
-            # to w's (Co, C, K, L) layout in two cache-friendly transposes (9 vs 16 ms in one)
-            dw = dwt.view(K * L, C * Co).t().contiguous().view(C, Co, K, L).transpose(0, 1).contiguous()
+            dwt = torch.matmul(k_l.t(), dP.view(K, 2 * Fw, Co * C))  # (K, L, Co C)
+            dw = dwt.view(K * L, Co * C).t().contiguous().view(Co, C, K, L)  # one plain transpose
         if has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db, None
