@@ -35,10 +35,11 @@ three straight from Dout's transpose):
                      dWr = R1 + R2, dWi = R1 - R2 - R3
 
 and the sums are folded into the transposed transforms that carry dX and dWc back. The
-products are three quarters of the layer's arithmetic, so this saves a quarter of it (one
-forward and backward at CapsNet's shapes, batch 100, on the 2-core build machine: 148 + 239
-vs 158 + 261 ms with four real products; float32 errors stay below the direct convolution's,
-tests/test_fft_conv.py).
+products are three quarters of the layer's arithmetic, so this saves a quarter of it, less
+the extra sum planes: forward and backward at CapsNet's shapes, batch 100, on the 2-core build
+machine took 123 + 184 ms against 123 + 207 ms with four real products (commit 9fb8ad1;
+batch 32: 66 + 98 against 63 + 110; tests/benchmarks/fft_conv_ab.py). float32 errors stay below the direct
+convolution's (tests/test_fft_conv.py).
 
 The half spectrum of a real H x W map has H x (W // 2 + 1) frequencies, but in its columns
 fw = 0 and (W even) fw = W / 2 it is Hermitian in fh (X[H - fh] = conj X[fh]), and so are Z
