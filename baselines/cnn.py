@@ -29,16 +29,17 @@ from capsbench.models.registry import register_model
 # The second convolution (512 -> 256 channels, 5x5, on a 12x12 map; 18x18 at 40x40) is almost
 # all of the network's arithmetic (419 of 434 MFLOP per image forward at 28x28). With
 # conv_impl="fft" (or CAPSBENCH_CONV=fft) it runs through the DFT (models/fft_conv.py; the same
-# convolution to float32 rounding). Whole training steps on the 2-core build machine, direct vs
-# DFT: at 28x28 batch 16 174 vs 162 ms, 32 332 vs 222, 100 942 vs 426, 500 6.6 vs 3.4 s; at
-# 40x40 batch 32 796 vs 469 ms, 100 2.5 vs 1.1 s; inference at batch 16 55 vs 65 ms, 32 106 vs
-# 91, 100 304 vs 195, 500 2.2 vs 1.3 s; batch 8 trains slower (84 vs 105 ms). It is not the
-# default ("auto" is "direct"): the DFT's rounding error is spread evenly over the weight
-# gradient instead of scaling with each entry, Adam divides every entry by its own running
-# magnitude, and this ReLU + max-pooling network's trajectory then departs from the direct
-# one's like another seed's. The quick rotation suite (seed 0) reached 97.8% clean accuracy
-# against 98.1% direct, cells differing by up to 1.7 points (README, Speed), where CapsNet's
-# DFT path changes its suite results by a few images at most.
+# convolution to float32 rounding). On the 2-core build machine `capsbench speed --model
+# cnn_maxpool --conv fft|direct --device cpu --variants fp32 --batch-sizes 32,100 --infer-batch
+# 500` gave steps of 148 vs 263 ms at batch 32 and 329 vs 791 ms at 100, inference at 500 0.71 vs
+# 1.32 s; in an alternating-step script batch 8 trained slower by the DFT (105 vs 84 ms: the
+# weight transform costs the same at any batch size) and 40x40 inputs at batch 32 faster (469
+# vs 796 ms). It is not the default ("auto" is "direct"): the DFT's rounding error is spread
+# evenly over the weight gradient instead of scaling with each entry, Adam divides every entry
+# by its own running magnitude, and this ReLU + max-pooling network's trajectory then departs
+# from the direct one's like another seed's (tests/benchmarks/conv_drift.py). The quick
+# rotation suite (seed 0) reached 97.8% clean accuracy against 98.1% direct, cells differing by
+# up to 1.7 points (README, Speed), where CapsNet's DFT path keeps its smoke-suite accuracies.
 
 
 class PoolingCNN(Classifier):
