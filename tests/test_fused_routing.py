@@ -277,3 +277,26 @@ def test_capsnet_on_cuda_with_the_fused_kernels_matches_the_plain_path():
     for (name, a), b in zip(fused.named_parameters(), plain.parameters(), strict=True):
         scale = b.grad.abs().max().item() + 1e-12
         assert (a.grad - b.grad).abs().max().item() < 1e-4 * scale, name
+
+
+def test_cached_builds_unused_for_a_month_are_deleted_by_the_next_build(tmp_path, monkeypatch):
+    """A new build deletes the other cached libraries that nothing loaded for STALE_AFTER_S; a
+    load refreshes its file's time, so builds in use (another CPU sharing the home) stay."""
+    import time
+
+    from capsbench.models import cpu_routing
+
+    monkeypatch.setenv("CAPSBENCH_CACHE", str(tmp_path))
+    old, recent = tmp_path / "cpu_routing-0000000000000000.so", tmp_path / "cpu_routing-1111111111111111.so"
+    other = tmp_path / "notes.txt"
+    for f in (old, recent, other):
+        f.write_text("x")
+    month_ago = time.time() - cpu_routing.STALE_AFTER_S - 3600
+    os.utime(old, (month_ago, month_ago))
+    os.utime(other, (month_ago, month_ago))
+    cpu_routing._build()  # compiles into the empty-of-this-version cache
+    built = [p for p in tmp_path.glob("cpu_routing-*.so") if p not in (old, recent)]
+    assert len(built) == 1 and not old.exists() and recent.exists() and other.exists()
+    os.utime(built[0], (month_ago, month_ago))
+    cpu_routing._build()  # loads the cached build: its time is refreshed, nothing is deleted
+    assert built[0].stat().st_mtime > month_ago + 3600 and recent.exists()

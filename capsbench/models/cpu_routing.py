@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +35,9 @@ from capsbench.models.fused_routing import routing_shapes
 
 SOURCE = Path(__file__).with_name("cpu_routing.cpp")
 ABI = 2
+# Builds of other source versions, compilers or CPUs stay in the cache until unused this long
+# (each load refreshes its file's time), then the next build deletes them.
+STALE_AFTER_S = 30 * 86400
 # The run-time variant keeps per-row buffers of this many values on the stack (the .cpp's kMaxDim).
 MAX_DIM = 64
 
@@ -91,6 +95,17 @@ def _compile(cxx: str, target: Path) -> None:
     raise RuntimeError(f"{cxx} could not compile {SOURCE.name}: {errors[-1]}")
 
 
+def _prune(keep: Path) -> None:
+    """Delete the cached builds other than ``keep`` that no process has loaded for STALE_AFTER_S."""
+    cutoff = time.time() - STALE_AFTER_S
+    for old in keep.parent.glob("cpu_routing-*.so"):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # another process got there first, or a read-only cache
+            pass
+
+
 def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
@@ -110,6 +125,12 @@ def _build() -> ctypes.CDLL:
     if lib is None:
         _compile(cxx, target)
         lib = ctypes.CDLL(str(target))
+        _prune(target)
+    else:
+        try:
+            os.utime(target)  # in use: not stale
+        except OSError:
+            pass
     if lib.capsbench_routing_abi() != ABI:
         raise RuntimeError(f"{target} is stale; delete it")
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
