@@ -76,7 +76,6 @@ FFT_CONV_MIN_BATCH = 32
 FFT_CONV_MIN_INFER_BATCH = 100
 
 
-
 def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
     """Paper eq. 1: shrink short vectors towards 0 and long ones to just below unit length.
 

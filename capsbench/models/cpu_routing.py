@@ -106,6 +106,23 @@ def _prune(keep: Path) -> None:
             pass
 
 
+def _load_cached(target: Path) -> ctypes.CDLL | None:
+    """The cached build at ``target``, its file time refreshed (in use: not stale); None where
+    there is none, or a damaged one (a full disk, a copied home), which is deleted."""
+    if not target.exists():
+        return None
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:
+        target.unlink(missing_ok=True)
+        return None
+    try:
+        os.utime(target)
+    except OSError:  # a read-only cache
+        pass
+    return lib
+
+
 def _build() -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
@@ -114,23 +131,11 @@ def _build() -> ctypes.CDLL:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + version.encode() + _cpu_key().encode() + str(ABI).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_routing-{key}.so"
-    if target.exists():
-        try:
-            lib = ctypes.CDLL(str(target))
-        except OSError:  # a damaged cached build (a full disk, a copied home): build it again
-            target.unlink(missing_ok=True)
-            lib = None
-    else:
-        lib = None
+    lib = _load_cached(target)
     if lib is None:
         _compile(cxx, target)
         lib = ctypes.CDLL(str(target))
         _prune(target)
-    else:
-        try:
-            os.utime(target)  # in use: not stale
-        except OSError:
-            pass
     if lib.capsbench_routing_abi() != ABI:
         raise RuntimeError(f"{target} is stale; delete it")
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
