@@ -56,6 +56,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         trace_dir=trace_dir,
         log=log,
         on_progress=checkpoint,
+        routing=args.routing,
+        conv_impl=args.conv_impl,
     )
     run_dir = write_profile(rows, out, {"command": command, "status": "complete"})
     print(format_table(rows))
@@ -93,6 +95,20 @@ def cmd_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_impl_flags(p: argparse.ArgumentParser) -> None:
+    """--routing and --conv, as ``capsbench speed`` and ``capsbench profile`` take them."""
+    p.add_argument("--routing", choices=("auto", "torch", "triton", "cpp"), default="auto",
+                   help="CapsNet routing: auto (= cpp on CPUs where it builds, torch otherwise, unless $CAPSBENCH_ROUTING "
+                        "says otherwise), torch (u_hat + batched matmuls), triton (fused kernels, CUDA only) or cpp "
+                        "(fused C++ kernels, CPU only)")
+    p.add_argument("--conv", dest="conv_impl", choices=("auto", "direct", "fft"), default="auto",
+                   help="CapsNet's convolutions: auto (= fft for float32 CPU training steps on 28x28 inputs at batch >= 32 "
+                        "and inference at batch >= 100, direct otherwise, unless $CAPSBENCH_CONV says otherwise), direct "
+                        "(F.conv2d: the same oneDNN / cuDNN convolutions as the CNNs) or fft (Conv1 by GEMM, PrimaryCaps by "
+                        "FFT; models/fft_conv.py); cnn_maxpool / cnn_strided: fft runs their second convolution by the DFT "
+                        "(auto = direct)")
+
+
 def add_commands(sub, add_common) -> None:
     from capsbench.cli import _nonneg_int, _positive_float, _positive_int
 
@@ -121,6 +137,7 @@ def add_commands(sub, add_common) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--trace", action="store_true",
                    help="also write a torch.profiler chrome trace of one training step per model, with stage ranges")
+    _add_impl_flags(p)
     add_common(p)
     p.set_defaults(func=cmd_profile)
 
@@ -142,14 +159,6 @@ def add_commands(sub, add_common) -> None:
     s.add_argument("--epoch", action="store_true", help="also time one full pass over the 60,000 training images")
     s.add_argument("--deadline", type=_positive_float, default=None,
                    help="skip the configurations that would start after this many seconds")
-    s.add_argument("--routing", choices=("auto", "torch", "triton", "cpp"), default="auto",
-                   help="CapsNet routing: auto (= cpp on CPUs where it builds, torch otherwise, unless $CAPSBENCH_ROUTING "
-                        "says otherwise), torch (u_hat + batched matmuls), triton (fused kernels, CUDA only) or cpp "
-                        "(fused C++ kernels, CPU only)")
-    s.add_argument("--conv", dest="conv_impl", choices=("auto", "direct", "fft"), default="auto",
-                   help="CapsNet's convolutions: auto (= fft for float32 CPU training steps on 28x28 inputs at batch >= 32 and inference at "
-                        "batch >= 100, direct otherwise, unless $CAPSBENCH_CONV says otherwise), direct (F.conv2d) or fft (Conv1 by GEMM, "
-                        "PrimaryCaps by FFT; models/fft_conv.py); cnn_maxpool / cnn_strided: fft runs their second "
-                        "convolution by the DFT (auto = direct)")
+    _add_impl_flags(s)
     add_common(s)
     s.set_defaults(func=cmd_speed)

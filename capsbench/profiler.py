@@ -65,6 +65,8 @@ import torch
 
 from capsbench.errors import ConfigError
 from capsbench.models import count_parameters, create_model, model_info
+from capsbench.models.capsnet import ROUTING_KERNELS
+from capsbench.models.fft_conv import CONV_IMPLS
 from capsbench.runner import channels_last_for
 
 DEFAULT_MODELS = ("capsnet", "lenet5", "cnn_maxpool", "efficientnet_b0")
@@ -275,6 +277,22 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
+def _benchmark():
+    """``torch.utils.benchmark``, imported without the warning its import of cpp_extension logs
+    on a machine with a CUDA toolkit but no GPU ("No CUDA runtime is found, using CUDA_HOME=..."):
+    the CPU timings need no CUDA, so the line only misleads."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(level)
+    return benchmark
+
+
 def _timed_block(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -287,9 +305,7 @@ def _timed_block(fn: Callable[[], Any], device: torch.device, calls: int) -> flo
     if device.type == "cpu":
         # torch.utils.benchmark pins the thread count for the measurement and keeps the
         # Python-side overhead of the loop out of it.
-        from torch.utils import benchmark
-
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        timer = _benchmark().Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         return timer.timeit(calls).mean * calls
     t0 = _clock(device)
     for _ in range(calls):
@@ -584,6 +600,26 @@ def _pick_batch(requested: int | None, preferred: int, batch_sizes: Sequence[int
     return max(below) if below else min(batch_sizes)
 
 
+def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def implementations(model: torch.nn.Module, x: torch.Tensor, train: bool) -> dict[str, str]:
+    """Which routing kernel and convolution path ``model`` runs on input ``x`` in a training
+    step (``train``) or in inference: {"routing": "cpp" | "torch" | "triton", "conv": "fft" |
+    "direct"} for the parts the model has (empty for a model with neither). A routing kernel
+    that cannot run raises here, before anything is timed."""
+    used: dict[str, str] = {}
+    with torch.set_grad_enabled(train):
+        if hasattr(model, "routing_impl"):
+            used["routing"] = model.routing_impl(torch.zeros(1, 1, 1, device=x.device))
+        if hasattr(model, "uses_fft_conv"):
+            used["conv"] = "fft" if model.uses_fft_conv(x) else "direct"
+    return used
+
+
 def _positive_ints(values: Iterable[int], what: str) -> list[int]:
     out = sorted({int(v) for v in values})
     if not out:
@@ -611,6 +647,8 @@ def profile_models(
     run_id: str | None = None,
     log: Callable[[str], None] | None = None,
     on_progress: Callable[[ProfileRows], None] | None = None,
+    routing: str = "auto",
+    conv_impl: str = "auto",
 ) -> ProfileRows:
     """Profile ``models`` and return tidy rows (see the module docstring for the metrics).
 
@@ -632,6 +670,12 @@ def profile_models(
         trace_dir: also write one chrome trace per model at the stage batch size here.
         log: called with a progress line per configuration.
         on_progress: called with the rows so far after each model configuration.
+        routing / conv_impl: the capsule models' routing kernel ("auto", "torch", "triton",
+            "cpp") and the convolutions of the models that have a DFT path ("auto", "direct",
+            "fft"), as ``capsbench speed --routing / --conv``. "auto" lets each model choose
+            (CapsNet: C++ routing and DFT PrimaryCaps on CPUs from batch 32; the pooling CNNs:
+            direct), which is what training runs; ``conv_impl="direct"`` times every model
+            with the same oneDNN / cuDNN convolutions. What ran is in ``meta["implementations"]``.
 
     Returns:
         :class:`ProfileRows`: a list of row dicts with ``.meta`` (settings, FLOPs by op,
@@ -640,22 +684,24 @@ def profile_models(
     from capsbench.runner import resolve_device
 
     dev = resolve_device(device)
+    impl = {"routing": _choice(routing, ROUTING_KERNELS, "routing"),
+            "conv_impl": _choice(conv_impl, CONV_IMPLS, "conv_impl")}
     if threads is None:
         return _profile(models, batch_sizes, routing_iters, dev, repeats, warmup, budget_s, stage_batch_size,
-                        routing_batch_size, stage_steps, input_size, trace_dir, run_id, log, on_progress)
+                        routing_batch_size, stage_steps, input_size, trace_dir, run_id, log, on_progress, impl)
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     before = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
         return _profile(models, batch_sizes, routing_iters, dev, repeats, warmup, budget_s, stage_batch_size,
-                        routing_batch_size, stage_steps, input_size, trace_dir, run_id, log, on_progress)
+                        routing_batch_size, stage_steps, input_size, trace_dir, run_id, log, on_progress, impl)
     finally:
         torch.set_num_threads(before)
 
 
 def _profile(models, batch_sizes, routing_iters, dev, repeats, warmup, budget_s, stage_batch_size,
-             routing_batch_size, stage_steps, input_size, trace_dir, run_id, log, on_progress) -> ProfileRows:
+             routing_batch_size, stage_steps, input_size, trace_dir, run_id, log, on_progress, impl) -> ProfileRows:
     from capsbench.store import environment_info
 
     t_run = time.perf_counter()
@@ -731,6 +777,7 @@ def _profile(models, batch_sizes, routing_iters, dev, repeats, warmup, budget_s,
             "amp": False,
             "flop_batch_size": FLOP_BATCH,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            **impl,
         },
         "notes": {
             "flops": "FlopCounterMode (matmul + convolution work) per image, counted at batch 2 / 2; "
@@ -747,8 +794,11 @@ def _profile(models, batch_sizes, routing_iters, dev, repeats, warmup, budget_s,
             "over those steps; 'other' = loss, code after the last mark, optimizer (pass 'optimizer')",
             "channels_last": "per model: NHWC weights and inputs, as the runner trains it on this device "
             "(capsbench.runner.channels_last_for)",
+            "implementations": "per model and batch size, the routing kernel and convolution path each "
+            "timed mode ran (settings routing / conv_impl: 'auto' = each model's own choice)",
         },
         "channels_last": {},
+        "implementations": {},
         "flops_by_op": {},
         "timing": {},
         "traces": [],
@@ -759,7 +809,7 @@ def _profile(models, batch_sizes, routing_iters, dev, repeats, warmup, budget_s,
         rows.extend(
             _profile_config(
                 cfg, dev, prov, run_id, repeats, warmup, budget_s, stage_steps, input_size,
-                Path(trace_dir) if trace_dir else None, meta, say,
+                Path(trace_dir) if trace_dir else None, meta, say, impl,
             )
         )
         if on_progress is not None:
@@ -770,6 +820,7 @@ def _profile(models, batch_sizes, routing_iters, dev, repeats, warmup, budget_s,
 
 def _profile_config(
     cfg: _Config, dev, prov, run_id, repeats, warmup, budget_s, stage_steps, input_size, trace_dir, meta, say,
+    impl: dict[str, str],
 ) -> list[dict[str, Any]]:
     r = cfg.routing_iters
     label = cfg.model + (f" r{r}" if r is not None else "")
@@ -792,6 +843,10 @@ def _profile_config(
     if r is not None:
         kw["routing_iters"] = r
     model = create_model(cfg.model, **kw).to(dev)
+    if hasattr(model, "routing_kernel"):
+        model.routing_kernel = impl["routing"]
+    if hasattr(model, "conv_impl"):
+        model.conv_impl = impl["conv_impl"]
     channels_last = channels_last_for(model, dev)  # timed in the layout the runner trains it in
     meta["channels_last"][cfg.model] = channels_last
     model_cell = "model" + suffix
@@ -831,6 +886,9 @@ def _profile_config(
                 else:
                     model.train()
                     fn = make_train_step(model, opt, x, y)
+                used = implementations(model, x, train=mode == "train")
+                if used:
+                    meta["implementations"].setdefault(label, {}).setdefault(cell, {})[mode] = used
                 timing = time_fn(fn, dev, repeats=repeats, warmup=warmup, budget_s=budget_s)
             except (RuntimeError, ValueError) as e:
                 err = ("CUDA out of memory: " if _is_oom(e) else f"{type(e).__name__}: ") + str(e).splitlines()[0]
@@ -849,7 +907,8 @@ def _profile_config(
             }
             if dev.type == "cuda":
                 out.append(row(cell, f"peak_cuda_alloc_{mode}_bytes", torch.cuda.max_memory_allocated(dev), 1, bs))
-            msg.append(f"{mode} {med * 1e3:.1f} ms ({bs / med:.0f} img/s, n={n})")
+            ran = ", ".join(f"{k} {v}" for k, v in used.items())
+            msg.append(f"{mode} {med * 1e3:.1f} ms ({bs / med:.0f} img/s, n={n}{', ' + ran if ran else ''})")
 
         if bs == cfg.stage_batch_size:
             try:

@@ -225,6 +225,29 @@ def fig_achieved(t: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def implementations_note(run: Run) -> str:
+    """One sentence on what the timings ran: the --conv / --routing settings and, per model and
+    mode, the convolution path and routing kernel at each batch size (from run.json; "" for a
+    profile written before run.json recorded them)."""
+    ran = run.meta.get("implementations") or {}
+    if not ran:
+        return ""
+    settings = run.meta.get("settings", {})
+    parts = []
+    for label, cells in ran.items():
+        for mode in ("train", "inference"):
+            groups: dict[str, list[str]] = {}
+            for cell, modes in cells.items():
+                used = modes.get(mode)
+                if used:
+                    groups.setdefault(", ".join(f"{k} {v}" for k, v in sorted(used.items())), []).append(cell)
+            if groups:
+                parts.append(f"{label} {mode}: " + "; ".join(f"{impl} ({', '.join(c)})" for impl, c in groups.items()))
+    return (f"Implementations timed (`--conv {settings.get('conv_impl', 'auto')} --routing "
+            f"{settings.get('routing', 'auto')}`; auto = each model's own choice, which training uses): "
+            + ". ".join(parts) + ".")
+
+
 def add_cost_section(doc: Doc, runs: Sequence[Run], figs_dir: Path, tables: dict[str, pd.DataFrame],
                      skipped: list[str]) -> None:
     """Append the "Cost" section for the profile runs among ``runs`` to ``doc``."""
@@ -251,6 +274,10 @@ def _add_run(doc: Doc, run: Run, figs_dir: Path, tables: dict[str, pd.DataFrame]
     else:
         doc.table(_display(t), caption="Throughput, FLOPs and achieved GFLOP/s per model, routing "
                                        "iterations and batch size ('—': not measured or failed).")
+
+    note = implementations_note(run)
+    if note:
+        doc.p(note)
 
     def draw(what: str, fn, caption: str) -> None:
         try:

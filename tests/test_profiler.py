@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from capsbench.cli import main
+from capsbench.errors import ConfigError
 from capsbench.models import create_model
 from capsbench.models.capsnet import dynamic_routing
 from capsbench.profiler import (
@@ -200,6 +201,13 @@ def test_write_profile(tiny, tmp_path):
     assert meta["settings"]["routing_iters"] == [1, 3] and meta["environment"]["torch"] == torch.__version__
     assert "aten.bmm" in meta["flops_by_op"]["capsnet r3"]["flops_train_step"]
     assert meta["channels_last"] == {"capsnet": False, "lenet5": True}  # as the runner trains them on a CPU
+    # "auto": each model's own choice, which at batch 2 is the direct convolution for CapsNet
+    assert meta["settings"]["routing"] == meta["settings"]["conv_impl"] == "auto"
+    ran = meta["implementations"]
+    assert set(ran) == {"capsnet r1", "capsnet r3"}  # LeNet-5 has neither choice
+    for mode in ("train", "inference"):
+        used = ran["capsnet r3"]["bs2-r3"][mode]
+        assert used["conv"] == "direct" and used["routing"] in ("cpp", "torch"), used
 
 
 def test_cli_profile_writes_results(tmp_path, capsys):
@@ -220,6 +228,30 @@ def test_cli_profile_writes_results(tmp_path, capsys):
     names = {e.get("name") for e in json.loads(open(trace).read())["traceEvents"]}
     assert {"capsbench.forward:conv", "capsbench.forward:pool", "capsbench.forward:fc", "capsbench.forward:other",
             "capsbench.backward:fc", "capsbench.backward:conv", "capsbench.optimizer"} <= names
+
+
+def test_cli_profile_times_the_implementations_asked_for(tmp_path, capsys):
+    """--conv / --routing pick CapsNet's convolution path and routing kernel (and the pooling
+    CNN's convolution) for every timed configuration; run.json says what ran."""
+    rc = main(["profile", "--models", "capsnet,cnn_maxpool", "--batch-sizes", "2", "--routing-iters", "3",
+               "--repeats", "1", "--warmup", "0", "--device", "cpu", "--conv", "fft", "--routing", "torch",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    assert "routing torch, conv fft" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "profile-cpu" / "run.json").read_text())
+    assert meta["settings"]["routing"] == "torch" and meta["settings"]["conv_impl"] == "fft"
+    for mode in ("train", "inference"):
+        assert meta["implementations"]["capsnet r3"]["bs2-r3"][mode] == {"routing": "torch", "conv": "fft"}
+        assert meta["implementations"]["cnn_maxpool"]["bs2"][mode] == {"conv": "fft"}
+    df = pd.read_csv(tmp_path / "profile-cpu" / "results.csv", keep_default_na=False)
+    assert (df.error == "").all()
+
+
+def test_profile_rejects_an_unknown_implementation():
+    with pytest.raises(ConfigError, match="conv_impl must be one of auto, direct, fft, got 'fast'"):
+        profile_models(["lenet5"], [1], device="cpu", conv_impl="fast")
+    with pytest.raises(ConfigError, match="routing must be one of"):
+        profile_models(["lenet5"], [1], device="cpu", routing="cuda")
 
 
 def test_cli_profile_rejects_bad_input(tmp_path, capsys):

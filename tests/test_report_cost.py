@@ -35,6 +35,9 @@ def test_cost_section_and_figures(profile_dir, built):
     md = (built / "report.md").read_text()
     assert "## Cost" in md
     assert (built / "index.html").is_file()
+    # what the timings ran, per model and mode (batch 2: CapsNet's direct convolutions)
+    assert "Implementations timed (`--conv auto --routing auto`" in md
+    assert "capsnet r3 train: conv direct, routing " in md and "lenet5 train" not in md
     slug = profile_dir.name
     for name in COST_FIGURES:
         png = built / "figures" / f"{name}_{slug}.png"
