@@ -14,11 +14,16 @@ Statistics:
   the t distribution over seeds. With a single seed there is no spread over seeds ("n/a
   (1 seed)"); proportions (accuracy, unchanged) then show the binomial Wilson 95% interval
   over the test images of that seed instead, labelled as such.
-* Claim verdicts use the per-image predictions: models are compared on the same test
-  images (paired), seed i of one model with seed i of the other. The difference gets a
-  paired bootstrap 95% interval that resamples test images (each image with all of its
-  cells and seed pairs, so their correlation is kept), 2000 resamples from a fixed seed;
-  the exact McNemar test is a two-sided binomial test on the discordant pairs.
+* Claim verdicts use the per-image predictions: both models are scored on the same test
+  images (paired by image). The 95% interval of the difference A - B has two parts, added
+  as variances: test-image sampling (a paired bootstrap that resamples images, each with all
+  of its cells and seeds, so their correlation is kept; 2000 resamples from a fixed seed) and
+  training variance (the spread of each model's per-seed mean over its seeds, the two models'
+  training runs taken as independent); the interval is the difference +- t x the combined
+  standard error, with Welch-Satterthwaite degrees of freedom (the image part counted as
+  known), and the two-sided p-value comes from the same t. With one seed per model the
+  training part cannot be estimated and no claim gets a definite verdict. Cells that are the
+  same transform (rotation by +180 and -180 degrees) are pooled once.
 
 Directories written by ``capsbench profile`` (``suite == "profile"``) are accepted too: they
 feed the "Cost" section (throughput, FLOPs, achieved GFLOP/s, stage breakdown;
@@ -71,18 +76,22 @@ CAPSULE_DECODER_MODELS = ("capsnet", "capsnet_r1", "capsnet_uniform")
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 NEGLIGIBLE = 0.01  # +-1 percentage point
-ALPHA = 0.05
+MIN_SEEDS = 2  # seeds per model before a claim can get a definite verdict (training variance)
 _NON_GRID = set(ID_COLUMNS) | set(VALUE_COLUMNS) | set(PROVENANCE_COLUMNS)
 
 VERDICT_RULE = (
-    "Verdict rule, checked in this order: 'supported' if the 95% CI of the difference lies "
-    "entirely on the claimed side of 0 and the exact McNemar p < 0.05; 'not supported' if the CI "
-    "lies entirely on the opposite side of 0, or entirely within +-1 percentage point (no "
-    "difference that matters); 'inconclusive' otherwise. The affNIST claim is about models at "
-    "a matched clean accuracy: unless both models reached the --match-accuracy target in every "
-    "seed, its verdict is 'inconclusive' whatever the difference (the difference then mixes "
-    "generalisation with clean accuracy). A claim whose suite, models or predictions are missing "
-    "is 'not evaluated', with the reason."
+    "Verdict rule, checked in this order, on the 95% CI of the difference A - B (test-image "
+    "sampling and seed-to-seed training variance both in it): 'inconclusive' if either model "
+    "has fewer than 2 seeds (training variance unknown); 'negligible' if the CI lies entirely "
+    "within +-1 percentage point (no difference that matters, whatever its sign); 'supported' if "
+    "it lies entirely on the claimed side of 0; 'refuted' if entirely on the opposite side; "
+    "'inconclusive' otherwise. Two claims compare models that may differ on clean digits too: "
+    "the orientation claim is 'supported' only if CapsNet's advantage on rotated digits is also "
+    "larger than its advantage on upright ones (the difference in differences has its CI above "
+    "0; otherwise 'inconclusive': the gap may be clean accuracy, not robustness), and the affNIST "
+    "claim only if both models reached the --match-accuracy target in every seed (otherwise "
+    "'inconclusive' instead of 'supported' or 'refuted'). A claim whose suite, models or "
+    "predictions are missing is 'not evaluated', with the reason."
 )
 
 
@@ -279,23 +288,6 @@ def wilson_interval(p: float, n: float, level: float = 0.95) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def mcnemar_exact(a_ok: np.ndarray, b_ok: np.ndarray) -> tuple[int, int, float]:
-    """Exact McNemar test on paired binary outcomes.
-
-    Returns (pairs where only A succeeds, pairs where only B succeeds, two-sided p-value of
-    a binomial test of the first count among the discordant pairs with p = 1/2).
-    """
-    from scipy.stats import binomtest
-
-    a = np.asarray(a_ok, dtype=bool)
-    b = np.asarray(b_ok, dtype=bool)
-    only_a = int(np.sum(a & ~b))
-    only_b = int(np.sum(~a & b))
-    if only_a + only_b == 0:
-        return only_a, only_b, 1.0
-    return only_a, only_b, float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
-
-
 def paired_bootstrap(
     diff: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
 ) -> tuple[float, float, float]:
@@ -305,11 +297,21 @@ def paired_bootstrap(
     image is resampled with all of its units. Vectorised, in chunks that keep memory small.
     """
     d = np.asarray(diff, dtype=float)
+    stats_ = _bootstrap_means(d, resamples, seed)
+    if stats_ is None:
+        return float("nan"), float("nan"), float("nan")
+    lo, hi = np.quantile(stats_, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def _bootstrap_means(d: np.ndarray, resamples: int, seed: int) -> np.ndarray | None:
+    """Means of ``d`` (n_images,) or (n_images, n_units) over ``resamples`` resamplings of its
+    rows (images, each with all its units); None when ``d`` is empty."""
     if d.ndim == 1:
         d = d[:, None]
     n, m = d.shape
     if n == 0 or m == 0:
-        return float("nan"), float("nan"), float("nan")
+        return None
     per_image = d.sum(axis=1)
     rng = np.random.default_rng(seed)
     stats_ = np.empty(resamples)
@@ -318,20 +320,24 @@ def paired_bootstrap(
         k = min(chunk, resamples - start)
         idx = rng.integers(0, n, size=(k, n))
         stats_[start : start + k] = per_image[idx].sum(axis=1) / (n * m)
-    lo, hi = np.quantile(stats_, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(d.mean()), float(lo), float(hi)
+    return stats_
 
 
-def verdict_word(ci_low: float, ci_high: float, p_value: float, direction: int = 1,
-                 margin: float = NEGLIGIBLE, alpha: float = ALPHA) -> str:
-    """Apply :data:`VERDICT_RULE` to a difference whose claimed sign is ``direction`` (+1 or -1)."""
+def verdict_word(ci_low: float, ci_high: float, n_seeds: int, direction: int = 1,
+                 margin: float = NEGLIGIBLE) -> str:
+    """Apply :data:`VERDICT_RULE` to a difference whose claimed sign is ``direction`` (+1 or -1),
+    estimated from ``n_seeds`` seeds of each model (the fewer of the two)."""
     if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
         return "not evaluated"
+    if n_seeds < MIN_SEEDS:
+        return "inconclusive"
     lo, hi = (ci_low, ci_high) if direction > 0 else (-ci_high, -ci_low)
-    if lo > 0 and p_value < alpha:
+    if lo >= -margin and hi <= margin:
+        return "negligible"
+    if lo > 0:
         return "supported"
-    if hi < 0 or (lo >= -margin and hi <= margin):
-        return "not supported"
+    if hi < 0:
+        return "refuted"
     return "inconclusive"
 
 
@@ -357,8 +363,9 @@ def summarize(runs: Sequence[Run]) -> pd.DataFrame:
         g = ok.groupby(keys, sort=False, dropna=False).agg(**agg).reset_index()
         half = ok.groupby(keys, sort=False, dropna=False)["value"].agg(t_half_width).reset_index(drop=True)
         g["ci_half"] = half.to_numpy()
-        g["ci_low"] = g["mean"] - g["ci_half"]
-        g["ci_high"] = g["mean"] + g["ci_half"]
+        bounded = g["metric"].isin(PROPORTION_METRICS + ("confidence",)).to_numpy()  # values in [0, 1]
+        g["ci_low"] = np.where(bounded, (g["mean"] - g["ci_half"]).clip(lower=0), g["mean"] - g["ci_half"])
+        g["ci_high"] = np.where(bounded, (g["mean"] + g["ci_half"]).clip(upper=1), g["mean"] + g["ci_half"])
         g["ci_seeds"] = [
             "n/a (1 seed)" if k < 2 else f"t 95% over {k} seeds" for k in g["n_seeds"]
         ]
@@ -454,10 +461,11 @@ class Verdict:
     difference: float = float("nan")
     ci_low: float = float("nan")
     ci_high: float = float("nan")
-    pairs: int = 0
-    only_a: int = 0
-    only_b: int = 0
+    se_images: float = float("nan")
+    se_seeds: float = float("nan")
     p_value: float = float("nan")
+    pairs: int = 0
+    n_seeds: int = 0
     verdict: str = "not evaluated"
     notes: list[str] = field(default_factory=list)
 
@@ -465,15 +473,25 @@ class Verdict:
         return {
             "claim": self.claim, "run": self.run, "comparison": self.comparison, "measure": self.measure,
             "difference": self.difference, "ci_low": self.ci_low, "ci_high": self.ci_high,
-            "pairs": self.pairs, "discordant_for": self.only_a, "discordant_against": self.only_b,
-            "mcnemar_p": self.p_value, "verdict": self.verdict, "notes": " ".join(self.notes),
+            "se_images": self.se_images, "se_seeds": self.se_seeds, "p_value": self.p_value,
+            "pairs": self.pairs, "seeds": self.n_seeds, "verdict": self.verdict, "notes": " ".join(self.notes),
         }
 
 
 def _claim_cells(claim: Claim, run: Run) -> list[str]:
     cells = run.suite_meta.get("cells", []) or []
     if claim.name == "orientation":
-        return [c["name"] for c in cells if c.get("transform") == "rotation" and (c.get("params") or {}).get("angle")]
+        # one cell per distinct rotation: +180 and -180 degrees are the same image, pooled once
+        seen, out = set(), []
+        for c in cells:
+            params = c.get("params") or {}
+            if c.get("transform") != "rotation" or not params.get("angle"):
+                continue
+            signed = (params["angle"] * (-1 if params.get("direction") == "cw" else 1)) % 360
+            if signed not in seen:
+                seen.add(signed)
+                out.append(c["name"])
+        return out
     if claim.name == "pooling":
         return [c["name"] for c in cells if c.get("transform") == "part_shuffle"]
     if claim.name == "affNIST":
@@ -481,24 +499,66 @@ def _claim_cells(claim: Claim, run: Run) -> list[str]:
     return []
 
 
-def compare_paired(a_ok: Sequence[np.ndarray], b_ok: Sequence[np.ndarray], direction: int = 1,
-                   resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
-    """Difference A - B with bootstrap CI, McNemar test and verdict, from paired 0/1 outcomes.
+def compare_paired(a_ok: Sequence[np.ndarray], b_ok: Sequence[np.ndarray], seeds: Sequence[int] | None = None,
+                   direction: int = 1, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                   level: float = 0.95) -> dict[str, Any]:
+    """Difference A - B of paired per-image outcomes, its CI and p-value, and the verdict.
 
-    ``a_ok`` and ``b_ok`` are lists of equally long per-image outcome arrays, one per unit
-    (cell and seed pair). Units of one length are resampled together by image.
+    ``a_ok`` and ``b_ok`` are lists of equally long per-image outcome arrays (0/1, or any
+    per-image score such as a difference of outcomes), one per unit (cell and seed); ``seeds``
+    gives each unit's training seed (default: one seed for all). The standard error adds two
+    variances: test-image sampling, from a paired bootstrap over images (each image with all
+    its units; units of unequal length are each their own resampling unit), and training
+    variance, var(per-seed means of A) / S + var(per-seed means of B) / S over the S seeds. The
+    interval is the difference +- t x SE with Welch-Satterthwaite degrees of freedom (the
+    image part counted as known: infinite degrees of freedom), the p-value two-sided from the
+    same t. With one seed the training part is unknown: the interval covers image sampling
+    only and the verdict cannot be definite (:func:`verdict_word`).
     """
-    a_all = np.concatenate([np.asarray(x, dtype=bool) for x in a_ok]) if a_ok else np.zeros(0, bool)
-    b_all = np.concatenate([np.asarray(x, dtype=bool) for x in b_ok]) if b_ok else np.zeros(0, bool)
-    lengths = {len(x) for x in a_ok}
-    if len(lengths) == 1:
-        d = np.stack([np.asarray(x, float) - np.asarray(y, float) for x, y in zip(a_ok, b_ok, strict=True)], axis=1)
-    else:  # units on different image sets: every pair is its own resampling unit
-        d = a_all.astype(float) - b_all.astype(float)
-    diff, lo, hi = paired_bootstrap(d, resamples=resamples, seed=seed)
-    only_a, only_b, p = mcnemar_exact(a_all, b_all)
-    return {"difference": diff, "ci_low": lo, "ci_high": hi, "pairs": int(a_all.size), "only_a": only_a,
-            "only_b": only_b, "p_value": p, "verdict": verdict_word(lo, hi, p, direction)}
+    from scipy import stats
+
+    seeds = [0] * len(a_ok) if seeds is None else list(seeds)
+    if not (len(a_ok) == len(b_ok) == len(seeds)):
+        raise ValueError(f"a_ok, b_ok and seeds differ in length: {len(a_ok)}, {len(b_ok)}, {len(seeds)}")
+    a = [np.asarray(x, dtype=float) for x in a_ok]
+    b = [np.asarray(x, dtype=float) for x in b_ok]
+    if any(len(x) != len(y) for x, y in zip(a, b, strict=True)):
+        raise ValueError("each unit's outcomes for A and B must cover the same images")
+    pairs = int(sum(len(x) for x in a))
+    empty = {"difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "se_images": float("nan"),
+             "se_seeds": float("nan"), "df": float("nan"), "p_value": float("nan"), "pairs": pairs,
+             "n_seeds": len(set(seeds)), "verdict": "not evaluated"}
+    if pairs == 0:
+        return empty
+    if len({len(x) for x in a}) == 1:
+        d = np.stack([x - y for x, y in zip(a, b, strict=True)], axis=1)
+    else:
+        d = np.concatenate(a) - np.concatenate(b)
+    diff = float(d.mean())
+    boot = _bootstrap_means(d, resamples, seed)
+    var_img = float(np.var(boot, ddof=1)) if boot is not None and boot.size > 1 else 0.0
+    by_seed = sorted(set(seeds))
+    s_count = len(by_seed)
+    var_seed = df = float("nan")
+    if s_count >= 2:
+        parts = []
+        for outcomes in (a, b):
+            means = [np.concatenate([o for o, s in zip(outcomes, seeds, strict=True) if s == k]).mean() for k in by_seed]
+            parts.append(float(np.var(means, ddof=1)) / s_count)
+        var_seed = sum(parts)
+        denom = sum(p * p for p in parts) / (s_count - 1)
+        df = (var_img + var_seed) ** 2 / denom if denom > 0 else math.inf
+    se = math.sqrt(var_img + (var_seed if s_count >= 2 else 0.0))
+    q = float(stats.t.ppf(0.5 + level / 2, df)) if s_count >= 2 and math.isfinite(df) else float(stats.norm.ppf(0.5 + level / 2))
+    lo, hi = diff - q * se, diff + q * se
+    if se > 0:
+        z = abs(diff) / se
+        p = float(2 * (stats.t.sf(z, df) if s_count >= 2 and math.isfinite(df) else stats.norm.sf(z)))
+    else:
+        p = 1.0 if diff == 0 else 0.0
+    return {**empty, "difference": diff, "ci_low": lo, "ci_high": hi, "se_images": math.sqrt(var_img),
+            "se_seeds": math.sqrt(var_seed) if s_count >= 2 else float("nan"), "df": df, "p_value": p,
+            "verdict": verdict_word(lo, hi, s_count, direction)}
 
 
 def evaluate_claim(claim: Claim, runs: Sequence[Run]) -> list[Verdict]:
@@ -529,15 +589,18 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
     if extra:
         v.notes.append(f"seeds {', '.join(map(str, extra))} are present for only one of the two models and are "
                        "left out of the pairing.")
-    a_units, b_units, missing = [], [], []
+    a_units, b_units, unit_seeds, missing = [], [], [], []
+    clean_units: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # seed -> (A, B) correct on the clean cell
     for seed in seeds:
         ref_a = ref_b = None
-        if claim.measure == "unchanged":
-            ref_a = run.predictions(claim.a, seed, run.clean_cell or "clean")
-            ref_b = run.predictions(claim.b, seed, run.clean_cell or "clean")
-            if ref_a is None or ref_b is None:
-                missing.append(f"{run.clean_cell} (seed {seed})")
-                continue
+        if run.clean_cell is not None:
+            ref_a = run.predictions(claim.a, seed, run.clean_cell)
+            ref_b = run.predictions(claim.b, seed, run.clean_cell)
+            if ref_a is not None and ref_b is not None and np.array_equal(ref_a["label"], ref_b["label"]):
+                clean_units[seed] = (ref_a["pred"] == ref_a["label"], ref_b["pred"] == ref_b["label"])
+        if claim.measure == "unchanged" and (ref_a is None or ref_b is None):
+            missing.append(f"{run.clean_cell} (seed {seed})")
+            continue
         for cell in cells:
             pa, pb = run.predictions(claim.a, seed, cell), run.predictions(claim.b, seed, cell)
             if pa is None or pb is None:
@@ -552,26 +615,69 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
             else:
                 a_units.append(pa["pred"] == pa["label"])
                 b_units.append(pb["pred"] == pb["label"])
+            unit_seeds.append(seed)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         v.notes.append(f"no usable per-image predictions for: {shown}.")
     if not a_units:
         v.notes.insert(0, "no paired predictions to compare.")
         return v
-    res = compare_paired(a_units, b_units, direction=1)
+    res = compare_paired(a_units, b_units, unit_seeds, direction=1)
     v.difference, v.ci_low, v.ci_high = res["difference"], res["ci_low"], res["ci_high"]
-    v.pairs, v.only_a, v.only_b, v.p_value = res["pairs"], res["only_a"], res["only_b"], res["p_value"]
-    v.verdict = res["verdict"]
-    v.notes.insert(0, f"{len(seeds)} seed pair(s) x {len(a_units) // max(len(seeds), 1)} cell(s), "
-                      f"{v.pairs} paired images.")
+    v.se_images, v.se_seeds, v.p_value = res["se_images"], res["se_seeds"], res["p_value"]
+    v.pairs, v.n_seeds, v.verdict = res["pairs"], res["n_seeds"], res["verdict"]
+    n_images = len(a_units[0]) if len({len(u) for u in a_units}) == 1 else None
+    v.notes.insert(0, f"{v.n_seeds} seed(s) of each model x {len(a_units) // max(v.n_seeds, 1)} cell(s)"
+                      + (f" x {n_images} test images" if n_images else f", {v.pairs} paired outcomes") + ". "
+                      f"Standard error {_pp(v.se_images)} pp from test-image sampling"
+                      + (f", {_pp(v.se_seeds)} pp from training (seed to seed)." if v.n_seeds >= MIN_SEEDS
+                         else "; training variance unknown with one seed: run --seeds 3 or more for a verdict."))
+    if claim.measure == "accuracy" and claim.name != "affNIST":
+        _clean_check(v, claim, run, a_units, b_units, unit_seeds, clean_units)
+    elif clean_units and claim.name != "affNIST":
+        clean = compare_paired([clean_units[k][0] for k in clean_units], [clean_units[k][1] for k in clean_units],
+                               list(clean_units))
+        v.notes.append(f"On the clean cell ({run.clean_cell}) {claim.a} - {claim.b} = {_pp(clean['difference'], True)} "
+                       f"pp [{_pp(clean['ci_low'], True)}, {_pp(clean['ci_high'], True)}].")
     if claim.name == "affNIST":
         notes, matched = _affnist_notes(run, claim)
         v.notes.extend(notes)
-        if not matched and v.verdict in ("supported", "not supported"):
+        if not matched and v.verdict in ("supported", "refuted"):
             v.notes.append(f"Verdict 'inconclusive' instead of '{v.verdict}': the models were not compared "
                            "at a matched clean accuracy.")
             v.verdict = "inconclusive"
     return v
+
+
+def _pp(x: float, sign: bool = False) -> str:
+    """A proportion as percentage points with two decimals ("nan" stays "nan")."""
+    return f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
+
+
+def _clean_check(v: Verdict, claim: Claim, run: Run, a_units, b_units, unit_seeds, clean_units) -> None:
+    """An accuracy claim on transformed cells against the clean cell: note the clean difference
+    and the difference in differences (the advantage on transformed digits beyond the one on
+    clean digits), and withhold 'supported' unless the latter's CI is above 0."""
+    if not all(s in clean_units for s in unit_seeds):
+        v.notes.append(f"The clean cell ({run.clean_cell}) has no usable predictions: the difference could not be "
+                       "set against the clean-accuracy difference.")
+        if v.verdict == "supported":
+            v.notes.append("Verdict 'inconclusive' instead of 'supported': the clean-accuracy check could not be made.")
+            v.verdict = "inconclusive"
+        return
+    seeds = sorted(set(unit_seeds))
+    clean = compare_paired([clean_units[k][0] for k in seeds], [clean_units[k][1] for k in seeds], seeds)
+    did = compare_paired([u.astype(float) - clean_units[k][0] for u, k in zip(a_units, unit_seeds, strict=True)],
+                         [u.astype(float) - clean_units[k][1] for u, k in zip(b_units, unit_seeds, strict=True)],
+                         unit_seeds)
+    v.notes.append(f"On the clean cell ({run.clean_cell}) {claim.a} - {claim.b} = {_pp(clean['difference'], True)} pp "
+                   f"[{_pp(clean['ci_low'], True)}, {_pp(clean['ci_high'], True)}]; the advantage beyond it "
+                   f"(difference in differences: each model's accuracy on the claim's cells minus its clean accuracy) "
+                   f"is {_pp(did['difference'], True)} pp [{_pp(did['ci_low'], True)}, {_pp(did['ci_high'], True)}].")
+    if v.verdict == "supported" and not did["ci_low"] > 0:
+        v.notes.append(f"Verdict 'inconclusive' instead of 'supported': {claim.a}'s advantage on the claim's cells is not "
+                       "shown to exceed its advantage on clean digits, so it may be clean accuracy, not robustness.")
+        v.verdict = "inconclusive"
 
 
 def _affnist_notes(run: Run, claim: Claim) -> tuple[list[str], bool]:
@@ -738,7 +844,8 @@ img{max-width:100%;height:auto}
 figcaption,.caption{color:#555;font-size:.9em}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
 .verdict-supported{color:#0a6b0a;font-weight:bold}
-.verdict-not-supported{color:#a40000;font-weight:bold}
+.verdict-refuted{color:#a40000;font-weight:bold}
+.verdict-negligible{color:#444;font-weight:bold}
 .verdict-inconclusive{color:#8a6d00;font-weight:bold}
 """
 
@@ -1380,9 +1487,9 @@ def _verdict_table(verdicts: Sequence[Verdict]) -> pd.DataFrame:
             "comparison": v.comparison,
             "measure": v.measure,
             "difference (pp)": f"{100 * v.difference:+.2f}" if evaluated else "—",
-            "95% CI (pp, paired bootstrap)": f"[{100 * v.ci_low:+.2f}, {100 * v.ci_high:+.2f}]" if evaluated else "—",
-            "discordant (for / against)": f"{v.only_a} / {v.only_b}" if evaluated else "—",
-            "McNemar p": f"{v.p_value:.3g}" if evaluated else "—",
+            "95% CI (pp; images and seeds)": f"[{100 * v.ci_low:+.2f}, {100 * v.ci_high:+.2f}]" if evaluated else "—",
+            "p (two-sided)": f"{v.p_value:.2g}" if evaluated else "—",
+            "seeds": v.n_seeds if evaluated else "—",
             "verdict": v.verdict,
             "notes": " ".join(v.notes),
         })
@@ -1446,10 +1553,12 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     # Claims
     doc.h(2, "Claim verdicts")
     doc.p(VERDICT_RULE)
-    doc.p(f"Differences are A - B in percentage points on the same test images (paired; seed i with seed i). "
-          f"95% CI: paired bootstrap over test images, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}. "
-          "McNemar: exact two-sided binomial test on the discordant pairs (pairs where only one model "
-          "succeeds), pooled over cells and seeds.")
+    doc.p(f"Differences are A - B in percentage points, pooled over the claim's cells and seeds, both models "
+          f"scored on the same test images. 95% CI: the difference +- t x its standard error, which adds the "
+          f"variance from test-image sampling (paired bootstrap over images, {BOOTSTRAP_RESAMPLES} resamples, seed "
+          f"{BOOTSTRAP_SEED}) and the seed-to-seed training variance of each model (Welch-Satterthwaite degrees of "
+          "freedom); p: two-sided, from the same t. Rotations by +180 and -180 degrees are one image and are "
+          "pooled once.")
     vt = _verdict_table(verdicts)
     tables["verdicts"] = pd.DataFrame([v.as_row() for v in verdicts])
     doc.table(vt, csv_name="verdicts")
@@ -1477,7 +1586,10 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
         if sm.get("description"):
             doc.p(f"Suite: {sm['description']}.")
         if sm.get("claim"):
-            doc.p(f"Claim tested: {sm['claim']}.")
+            if any(run.suite in c.suites for c in CLAIMS):
+                doc.p(f"Claim tested: {sm['claim']} (verdict under 'Claim verdicts').")
+            else:
+                doc.p(f"Question: {sm['claim']}. Descriptive only: the report computes no verdict for this suite.")
         mt = _models_table(run, summary)
         tables[f"{_slug(run.label)}_models"] = mt
         if mt.empty:
@@ -1494,7 +1606,11 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
             cap = f"{metric} (%) per cell; 'seeds' is the number of seeds per value."
             if "direction" in t.columns and (t["direction"] == "mean").any():
                 cap += (" Rows with direction 'mean' average the clockwise and counter-clockwise cells; their "
-                        "Wilson interval counts the images of both.")
+                        "Wilson interval counts the images of both (of one at 180 degrees, where both are the "
+                        "same image).")
+            if metric == "confidence":
+                cap += (" Confidence is the true class's capsule length for capsule models and its softmax "
+                        "probability for CNNs: two different quantities, so compare it within a family, not across.")
             doc.table(t, caption=cap)
         for fig in _run_figures(run, summary, figs_dir, data_root, skipped):
             doc.figure(fig.path, fig.caption)
@@ -1576,7 +1692,9 @@ def _run_figures(run: Run, summary: pd.DataFrame, figs_dir: Path, data_root: str
         "affnist": "Accuracy on expanded MNIST and affNIST per model (error bars: t 95% CI over seeds or Wilson "
                    "with one seed); dashed lines: the paper's 79% (CapsNet) and 66% (CNN) on affNIST.",
         "part_shuffle": "Accuracy, true-class confidence and the fraction of predictions unchanged from the clean "
-                        "image, vs the number of tiles per side k (k = 1 is the clean cell; x = two-tile swap).",
+                        "image, vs the number of tiles per side k (k = 1 is the clean cell; x = two-tile swap). "
+                        "Confidence is a capsule length for CapsNet and a softmax probability for the CNNs: not "
+                        "comparable across the two families.",
         "cells": "Accuracy per cell and model.",
     }
 
@@ -1624,7 +1742,6 @@ __all__ = [
     "load_checkpoint_model",
     "load_run",
     "load_runs",
-    "mcnemar_exact",
     "paired_bootstrap",
     "summarize",
     "t_half_width",

@@ -367,8 +367,9 @@ def _with_direction_means(suite: Suite, rows: list[dict[str, Any]]) -> list[dict
         if len(pair) != 2:
             continue
         a, b = pair
+        same = int(angle) % 180 == 0  # +180 and -180 degrees: the same images, counted once
         rows.append({**a, "cell": f"rot±{int(angle)}", "direction": "mean",
-                     "value": (a["value"] + b["value"]) / 2, "n": a["n"] + b["n"]})
+                     "value": (a["value"] + b["value"]) / 2, "n": a["n"] if same else a["n"] + b["n"]})
     return rows
 
 

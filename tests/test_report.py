@@ -1,4 +1,4 @@
-"""capsbench report: aggregation, figures, HTML, missing pieces, claim verdicts, McNemar.
+"""capsbench report: aggregation, figures, HTML, missing pieces, claim verdicts and their statistics.
 
 Run directories are built here from constructed per-image predictions (no training), in the
 layout ``capsbench run`` writes; the example images and the CapsNet figures use real MNIST.
@@ -313,9 +313,16 @@ def test_verdicts_from_the_fixture_runs(built):
     out, _ = built
     v = pd.read_csv(out / "tables" / "verdicts.csv", keep_default_na=False).set_index("claim")
     assert v.loc["orientation", "verdict"] == "supported"
-    assert v.loc["orientation", "difference"] > 0.2
+    assert v.loc["orientation", "difference"] > 0.2 and v.loc["orientation", "seeds"] == 3
     assert v.loc["orientation", "pairs"] == 3 * 4 * N_IMAGES  # 3 seed pairs x 4 rotated cells
-    assert v.loc["pooling", "verdict"] == "supported"
+    assert float(v.loc["orientation", "se_seeds"]) > 0 and float(v.loc["orientation", "se_images"]) > 0
+    # capsnet is 1 point behind on clean digits and 30 ahead on rotated ones: beyond clean accuracy
+    assert "On the clean cell (rot0) capsnet - cnn_maxpool = " in v.loc["orientation", "notes"]
+    assert "difference in differences" in v.loc["orientation", "notes"]
+    # the CNN keeps far more predictions on shuffled parts, but in one seed: training variance unknown
+    assert v.loc["pooling", "difference"] > 0.4 and v.loc["pooling", "ci_low"] > 0
+    assert v.loc["pooling", "verdict"] == "inconclusive" and v.loc["pooling", "seeds"] == 1
+    assert "training variance unknown with one seed" in v.loc["pooling", "notes"]
     assert v.loc["pooling", "pairs"] == 3 * N_IMAGES  # shuffle_k2, k4, k7 (the swap cell is not pooled)
     assert v.loc["affNIST", "run"] == "affnist-smoke"
     notes = v.loc["affNIST", "notes"]
@@ -345,36 +352,92 @@ def test_affnist_verdict_at_matched_accuracy(tmp_path, data_root):
 def test_verdict_rule_on_constructed_pairs():
     rng = np.random.default_rng(0)
     n = 2000
-    truth_a = rng.random(n) < 0.9
-    truth_b = rng.random(n) < 0.6
-    win = report.compare_paired([truth_a], [truth_b])
-    assert win["verdict"] == "supported" and win["ci_low"] > 0
-    loss = report.compare_paired([truth_b], [truth_a])
-    assert loss["verdict"] == "not supported" and loss["ci_high"] < 0
-    same = report.compare_paired([truth_a, truth_b], [truth_a, truth_b])
-    assert same["difference"] == 0 and same["verdict"] == "not supported"  # CI [0, 0] is within +-1 pp
+    seeds = [0, 1, 2]
+    a3 = [rng.random(n) < 0.9 for _ in seeds]
+    b3 = [rng.random(n) < 0.6 for _ in seeds]
+    win = report.compare_paired(a3, b3, seeds)
+    assert win["verdict"] == "supported" and win["ci_low"] > 0 and win["n_seeds"] == 3
+    loss = report.compare_paired(b3, a3, seeds)
+    assert loss["verdict"] == "refuted" and loss["ci_high"] < 0
+    # the same outcomes in every seed: no training variance; a 0.5-point gap whose CI clears 0
+    # but stays within +-1 point is negligible, and so is no gap at all (CI [0, 0])
+    u = rng.random(n)
+    steady_a, steady_b = [u < 0.9] * 3, [u < 0.895] * 3
+    small = report.compare_paired(steady_a, steady_b, seeds)
+    assert 0 < small["ci_low"] and small["ci_high"] < 0.01 and small["verdict"] == "negligible"
+    same = report.compare_paired(steady_a, steady_a, seeds)
+    assert same["difference"] == same["ci_low"] == same["ci_high"] == 0 and same["verdict"] == "negligible"
+    # one seed: a 30-point gap, but training variance is unknown, so no definite verdict
+    one = report.compare_paired(a3[:1], b3[:1])
+    assert one["ci_low"] > 0.25 and one["n_seeds"] == 1 and one["verdict"] == "inconclusive"
     # a small sample with a few discordant pairs either way: neither side is excluded
     a = np.array([1, 1, 1, 0, 0, 1, 0, 1, 1, 1] * 3, dtype=bool)
     b = np.array([0, 1, 1, 1, 0, 1, 0, 1, 1, 1] * 3, dtype=bool)
-    unsure = report.compare_paired([a], [b])
+    unsure = report.compare_paired([a, a], [b, b], [0, 1])
     assert unsure["ci_low"] <= 0 <= unsure["ci_high"] and unsure["verdict"] == "inconclusive"
     # the rule itself, in its stated order
-    assert report.verdict_word(0.02, 0.05, 0.01) == "supported"
-    assert report.verdict_word(0.02, 0.05, 0.2) == "inconclusive"
-    assert report.verdict_word(-0.05, -0.02, 0.01) == "not supported"
-    assert report.verdict_word(-0.004, 0.006, 0.5) == "not supported"
-    assert report.verdict_word(-0.05, -0.02, 0.01, direction=-1) == "supported"
+    assert report.verdict_word(0.02, 0.05, 3) == "supported"
+    assert report.verdict_word(0.002, 0.008, 3) == "negligible"  # above 0 but within +-1 pp
+    assert report.verdict_word(-0.004, 0.006, 3) == "negligible"
+    assert report.verdict_word(-0.05, -0.02, 3) == "refuted"
+    assert report.verdict_word(-0.05, 0.02, 3) == "inconclusive"
+    assert report.verdict_word(0.02, 0.05, 1) == "inconclusive"
+    assert report.verdict_word(-0.05, -0.02, 3, direction=-1) == "supported"
     # the bootstrap is seeded: the same input gives the same interval
-    assert report.compare_paired([truth_a], [truth_b]) == win
+    assert report.compare_paired(a3, b3, seeds) == win
 
 
-def test_mcnemar_matches_scipy_binomtest():
-    a = np.array([1, 1, 1, 0, 0, 1, 0, 1], dtype=bool)
-    b = np.array([0, 1, 0, 0, 1, 0, 0, 1], dtype=bool)
-    only_a, only_b, p = report.mcnemar_exact(a, b)
-    assert (only_a, only_b) == (3, 1)
-    assert p == pytest.approx(stats.binomtest(3, 4, 0.5).pvalue) == pytest.approx(0.625)
-    assert report.mcnemar_exact(a, a) == (0, 0, 1.0)
+def test_seed_to_seed_variance_widens_the_interval():
+    """Three seeds of A that differ a lot (60%, 75%, 90% on the same images) against a steady B
+    at 70%: the image-sampling error alone would call A better; with the training variance the
+    interval takes in 0. The standard errors and the t interval are checked by hand."""
+    from scipy import stats as st
+
+    rng = np.random.default_rng(1)
+    n = 5000
+    u = rng.random(n)
+    a = [u < p for p in (0.6, 0.75, 0.9)]
+    b = [u < 0.7 for _ in range(3)]
+    res = report.compare_paired(a, b, [0, 1, 2])
+    means_a = [x.mean() for x in a]
+    var_seed = np.var(means_a, ddof=1) / 3  # B's per-seed means are equal: no variance
+    assert res["se_seeds"] == pytest.approx(np.sqrt(var_seed))
+    assert res["se_seeds"] > 5 * res["se_images"] > 0
+    var = res["se_images"] ** 2 + var_seed
+    df = var ** 2 / (var_seed ** 2 / 2)  # Welch-Satterthwaite, the image part counted as known
+    assert res["df"] == pytest.approx(df)
+    half = st.t.ppf(0.975, df) * np.sqrt(var)
+    assert res["ci_low"] == pytest.approx(res["difference"] - half)
+    assert res["ci_low"] < 0 < res["difference"] - 1.96 * res["se_images"]
+    assert res["verdict"] == "inconclusive"
+    assert res["p_value"] == pytest.approx(2 * st.t.sf(abs(res["difference"]) / np.sqrt(var), df))
+
+
+def test_orientation_gap_that_is_only_clean_accuracy_is_not_supported(tmp_path, data_root):
+    """CapsNet 10 points ahead on rotated digits and 10 ahead on upright ones: the raw difference
+    clears 0, the advantage beyond clean accuracy does not, so no 'supported'. The +180 and -180
+    degree cells (the same images) are pooled once."""
+    cells = ["rot0", "rot+15", "rot-15", "rot+180", "rot-180"]
+    rng = np.random.default_rng(7)
+    wrong = (LABELS + 1) % 10
+    preds = {}
+    for seed in range(3):
+        u = rng.random(N_IMAGES)
+        for cell in cells:
+            if cell == "rot-180":
+                continue
+            for model, p in (("capsnet", 0.95 if cell == "rot0" else 0.8), ("cnn_maxpool", 0.85 if cell == "rot0" else 0.7)):
+                preds[(model, seed, cell)] = np.where(u < p, LABELS, wrong)
+        for model in ("capsnet", "cnn_maxpool"):
+            preds[(model, seed, "rot-180")] = preds[(model, seed, "rot+180")]
+    run_dir = _write_run(tmp_path, "rotation", cells, preds, models=["capsnet", "cnn_maxpool"], data_root=data_root)
+    report.write_report([run_dir], tmp_path / "report")
+    v = pd.read_csv(tmp_path / "report" / "tables" / "verdicts.csv", keep_default_na=False).set_index("claim")
+    orient = v.loc["orientation"]
+    assert orient["pairs"] == 3 * 3 * N_IMAGES  # rot+15, rot-15, rot+-180 once
+    assert float(orient["ci_low"]) > 0  # the raw difference alone would be "supported"
+    assert orient["verdict"] == "inconclusive", orient["notes"]
+    assert "instead of 'supported'" in orient["notes"] and "may be clean accuracy, not robustness" in orient["notes"]
 
 
 def test_paired_bootstrap_resamples_images_with_their_cells():

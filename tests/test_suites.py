@@ -47,6 +47,12 @@ def test_rotation_smoke_rows(rotation_smoke, data_root):
             assert (sub[sub.direction == "none"]["angle"] == 0).sum() == 1
     assert cells["value"].between(0, 1).all()
     assert (cells[cells.direction != "mean"]["n"] == 256).all()
+    # the mean of both directions counts both image sets, except at 180 degrees where they are one
+    means = cells[cells.direction == "mean"]
+    assert (means[means.angle != 180]["n"] == 512).all() and (means[means.angle == 180]["n"] == 256).all()
+    for model in MODELS:  # rotating by +180 and by -180 degrees gives the same images
+        at = cells[(cells.model == model) & (cells.angle == 180) & (cells.metric == "accuracy")]
+        assert at["value"].nunique() == 1, at
     for col in ("run_id", "suite", "model", "seed", "train_data", "eval_data", "profile", "device",
                 "git_sha", "data_sha256", "job_key"):
         assert df[col].notna().all(), col
