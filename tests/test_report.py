@@ -301,6 +301,12 @@ def test_paper_numbers_beside_ours(built):
     assert capsnet["paper test error % (sd, 3 trials)"] == "0.25 ± 0.005"
     assert capsnet["source run"].startswith(("rotation-smoke", "part_shuffle-smoke"))
     assert t1[t1["our model"] == "cnn_sabour"]["paper test error % (sd, 3 trials)"].iloc[0] == "0.39"
+    # our interval (3 seeds of about 3% error on 200 images) holds our mean; the flag says
+    # whether it holds the paper's 0.25% too
+    lo, hi = (float(x) for x in capsnet["our 95% CI % (images and seeds)"].strip("[]").split(","))
+    mean = float(capsnet["our test error % (sd over seeds)"].split()[0])
+    assert 0 <= lo < mean < hi < 20
+    assert capsnet["paper's value in our CI"] == ("yes" if lo <= 0.25 <= hi else "no")
     af = pd.read_csv(out / "tables" / "paper_affnist.csv", keep_default_na=False)
     assert list(af["paper affNIST %"].astype(str)) == ["79", "66"]
     assert set(af["our test set"]) == {"affnist_synth"}
@@ -438,6 +444,19 @@ def test_orientation_gap_that_is_only_clean_accuracy_is_not_supported(tmp_path, 
     assert float(orient["ci_low"]) > 0  # the raw difference alone would be "supported"
     assert orient["verdict"] == "inconclusive", orient["notes"]
     assert "instead of 'supported'" in orient["notes"] and "may be clean accuracy, not robustness" in orient["notes"]
+
+
+def test_proportion_ci_adds_image_and_seed_variance():
+    from scipy import stats as st
+
+    v, n = np.array([0.97, 0.95, 0.98]), 1000
+    var_img, var_seed = v.mean() * (1 - v.mean()) / n, v.var(ddof=1) / 3
+    df = (var_img + var_seed) ** 2 / (var_seed ** 2 / 2)
+    half = st.t.ppf(0.975, df) * np.sqrt(var_img + var_seed)
+    assert report.proportion_ci(v, n) == pytest.approx((v.mean() - half, v.mean() + half))
+    assert report.proportion_ci([0.5], 100) == report.wilson_interval(0.5, 100)  # one seed: images only
+    lo, hi = report.proportion_ci([0.999, 1.0, 1.0], 50)  # clipped to [0, 1]
+    assert 0 <= lo < 1 and hi == 1.0
 
 
 def test_paired_bootstrap_resamples_images_with_their_cells():
