@@ -28,13 +28,17 @@ def _int_list(text: str) -> list[int]:
 def cmd_profile(args: argparse.Namespace) -> int:
     from capsbench.profiler import format_table, profile_dir, profile_models, write_profile
     from capsbench.runner import resolve_device
-    from capsbench.store import ensure_writable_dir
+    from capsbench.store import archive_previous, ensure_writable_dir
+    from capsbench.suite_cli import name_list
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    models = name_list(args.models, "--models")
     dev = resolve_device(args.device)
     out = ensure_writable_dir(args.out)  # fail before any work, not after minutes of it
     command = "capsbench " + " ".join(sys.argv[1:])
     trace_dir = profile_dir(out, dev) / "traces" if args.trace else None
+    moved = archive_previous(profile_dir(out, dev))  # this run's checkpoints must not overwrite them
+    if moved is not None:
+        print(f"earlier profile results moved to {moved}", file=sys.stderr)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -69,17 +73,26 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_speed(args: argparse.Namespace) -> int:
+    from capsbench.errors import ConfigError
     from capsbench.models import model_info
     from capsbench.runner import resolve_device
-    from capsbench.speed import format_rows, parse_variant, run_speed, write_rows
-    from capsbench.store import ensure_writable_dir, environment_info
+    from capsbench.speed import CUDA_ONLY, format_rows, parse_variant, run_speed, write_rows
+    from capsbench.store import archive_previous, ensure_writable_dir, environment_info
+    from capsbench.suite_cli import name_list
 
     model_info(args.model)  # an unknown name stops here, listing the known ones
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = name_list(args.variants, "--variants")
     for v in variants:
         parse_variant(v)
     dev = resolve_device(args.device)
+    cuda_only = [v for v in variants if v in CUDA_ONLY]
+    if cuda_only and dev.type != "cuda":
+        raise ConfigError(f"speed variant(s) {', '.join(cuda_only)} need a CUDA device (got --device {dev.type}); "
+                          "leave them out of --variants on this machine")
     out = ensure_writable_dir(args.out) / f"speed-{dev.type}"
+    moved = archive_previous(out)
+    if moved is not None:
+        print(f"earlier speed results moved to {moved}", file=sys.stderr)
     batch_sizes = args.batch_sizes or ([128, 512, 1024] if dev.type == "cuda" else [32])
 
     def log(msg: str) -> None:

@@ -106,6 +106,7 @@ class Run:
     label: str
     meta: dict[str, Any]
     rows: pd.DataFrame
+    unreadable: dict[str, str] = field(default_factory=dict)  # prediction files that could not be read
 
     @property
     def suite(self) -> str:
@@ -166,8 +167,15 @@ class Run:
             return None
         import torch
 
-        d = torch.load(path, weights_only=True)
-        return {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in d.items()}
+        try:
+            d = torch.load(path, weights_only=True)
+            out = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in d.items()}
+            if not {"pred", "label"} <= set(out) or len(out["pred"]) != len(out["label"]):
+                raise ValueError("no per-image 'pred' and 'label' of one length in it")
+        except Exception as e:  # cut off or garbled: that cell is missing, the report goes on
+            self.unreadable[str(path)] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            return None
+        return out
 
 
 def _is_run_dir(p: Path) -> bool:
@@ -194,7 +202,10 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         found.extend(children)
     if not found:
         raise CapsbenchError("no run directories given; pass at least one folder written by `capsbench run`")
-    return found
+    unique: dict[Path, Path] = {}
+    for p in found:  # a folder named twice (or as itself and through its parent) is read once
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
@@ -1463,6 +1474,9 @@ def _missing_notes(run: Run) -> list[str]:
             notes.append(f"{run.label}: suite default model(s) not run: {', '.join(defaults)}.")
     except Exception:
         pass
+    for path, why in run.unreadable.items():
+        notes.append(f"{run.label}: predictions file {path} cannot be read ({why}); that cell and seed are "
+                     "left out of the claim verdicts (the accuracy tables come from results.csv and keep them).")
     expected = run.cell_names
     df = run.rows
     for model in sorted(present):

@@ -490,12 +490,18 @@ def _train_locked(
     model = build_model(cfg, dev)
 
     if job_json.exists() and ckpt_path.exists():
-        meta = read_json(job_json)
-        if meta.get("status") == "finished" and meta.get("key") == cfg.key:
-            log(f"reusing finished job {job_dir}")
-            reused = load_finished(cfg, job_dir.parent.parent, dev)
-            reused.data_checksums = sums
-            return reused
+        meta = _job_meta(job_json)
+        if meta is None:
+            log(f"warning: ignoring unreadable {job_json}; the job resumes from its checkpoint or starts over")
+        elif meta.get("status") == "finished" and meta.get("key") == cfg.key:
+            try:
+                reused = load_finished(cfg, job_dir.parent.parent, dev)
+            except TrainingError as e:  # a damaged checkpoint: the finished job is lost, train it again
+                log(f"warning: {e}; training it again")
+            else:
+                log(f"reusing finished job {job_dir}")
+                reused.data_checksums = sums
+                return reused
 
     images, labels = train_set.images, train_set.labels
     if cfg.train_limit is not None:
@@ -667,6 +673,15 @@ def _train_locked(
     return TrainResult(cfg, model, job_dir, step, elapsed, ips_total, False, stopped, history, sums)
 
 
+def _job_meta(path: Path) -> dict[str, Any] | None:
+    """A job's job.json, or None when it cannot be read as a JSON object (cut off, garbled)."""
+    try:
+        meta = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def load_finished(
     cfg: TrainConfig, out: str | os.PathLike = "runs", device: str | torch.device = "auto"
 ) -> TrainResult:
@@ -674,12 +689,20 @@ def load_finished(
     dev = resolve_device(device)
     job_dir = Path(out) / "jobs" / cfg.job_name
     job_json = job_dir / "job.json"
-    meta = read_json(job_json) if job_json.exists() else {}
+    meta = _job_meta(job_json) if job_json.exists() else {}
+    if meta is None:
+        raise TrainingError(f"{job_json} is damaged; rerun the command (capsbench train or run) to resume the "
+                            "job from its checkpoint and rewrite it")
     if meta.get("status") != "finished" or meta.get("key") != cfg.key:
         raise TrainingError(f"job {job_dir} has not finished training; run it first (capsbench train or run)")
     model = build_model(cfg, dev)
-    state = torch.load(job_dir / "checkpoint.pt", map_location=dev, weights_only=False)
-    model.load_state_dict(state["model"])
+    ckpt = job_dir / "checkpoint.pt"
+    try:
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        model.load_state_dict(state["model"])
+    except Exception as e:  # truncated, garbled or from another model: one line, not a traceback
+        raise TrainingError(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                            f"delete the job folder {job_dir} to train the job again") from None
     if channels_last_for(model, dev):
         model = model.to(memory_format=torch.channels_last)
     return TrainResult(

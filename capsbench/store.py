@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_UMASK: list[int] = []
+
+
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it, so not on every write)."""
+    if not _UMASK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        _UMASK.append(mask)
+    return _UMASK[0]
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, not mkstemp's owner-only 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -149,6 +163,26 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
         reason = e.strerror or str(e)
         raise _unwritable(path, reason if existing == path else f"{existing}: {reason}") from None
     return path
+
+
+def archive_previous(folder: str | os.PathLike, names: tuple[str, ...] = ("results.csv", "run.json")) -> Path | None:
+    """Move the files ``names`` an earlier command left in ``folder`` to
+    ``folder/previous/<UTC time of the newest of them>/`` (a new command's results replace them
+    there, but nothing finished is lost); return that folder, or None when there was nothing."""
+    folder = Path(folder)
+    present = [folder / n for n in names if (folder / n).is_file()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(max(p.stat().st_mtime for p in present)))
+    dest = folder / "previous" / stamp
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = folder / "previous" / f"{stamp}-{k}"
+    dest.mkdir(parents=True)
+    for p in present:
+        os.replace(p, dest / p.name)
+    return dest
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:

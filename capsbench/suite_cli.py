@@ -6,11 +6,24 @@ import argparse
 import sys
 
 
+def name_list(text: str | None, option: str) -> list[str] | None:
+    """A comma-separated option value as a list without repeats (None: the option was not given).
+    A value with no names in it (``--models ""``) is an error, not a silent "use the defaults"."""
+    from capsbench.errors import ConfigError
+
+    if text is None:
+        return None
+    names = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not names:
+        raise ConfigError(f"{option} is empty; name at least one, or leave {option} out for the defaults")
+    return names
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from capsbench.cli import _speed_options
     from capsbench.suite_runner import run_suite
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    models = name_list(args.models, "--models")
     run_dir = run_suite(
         args.suite,
         models=models,

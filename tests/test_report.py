@@ -492,6 +492,25 @@ def test_missing_model_and_failed_cell_are_reported(tmp_path, data_root):
     assert "no checkpoint found for capsnet seed 0" in md
 
 
+def test_a_garbled_predictions_file_leaves_its_cell_out_not_the_report(runs, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "rotation-smoke"
+    shutil.copytree(runs["rotation"], run_dir)
+    (bad,) = run_dir.glob("predictions/capsnet-s1-*/rot+15.pt")
+    bad.write_bytes(b"junk")
+    out = tmp_path / "rep"
+    report.write_report([run_dir, run_dir, tmp_path], out)  # the same run three times: read once
+    md = (out / "report.md").read_text()
+    assert f"predictions file {bad} cannot be read" in md
+    v = pd.read_csv(out / "tables" / "verdicts.csv", keep_default_na=False)
+    assert len(v[v.claim == "orientation"]) == 1
+    orient = v[v.claim == "orientation"].iloc[0]
+    assert orient["pairs"] == (3 * 4 - 1) * N_IMAGES  # that cell and seed only
+    assert "no usable per-image predictions for: rot+15 (seed 1)" in orient["notes"]
+    assert md.count("## Run rotation-smoke") == 1
+
+
 def test_bad_input_is_a_one_line_error(tmp_path):
     not_run = tmp_path / "somewhere"
     not_run.mkdir()
