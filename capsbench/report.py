@@ -1045,7 +1045,7 @@ def fig_affnist(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
     ax.set_xticks(range(len(models)), models, rotation=20, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: never over a bar
     ax.set_title(f"{run.label}: expanded MNIST and affNIST accuracy", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -1082,7 +1082,7 @@ def fig_part_shuffle(summary: pd.DataFrame, run: Run, path: Path) -> Path | None
         ax.set_title(metric if metric != "unchanged" else "unchanged prediction (vs clean)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{run.label}: part shuffle", fontsize=10)
+    fig.suptitle(f"{run.label}: part shuffle", fontsize=10, y=1.03)  # above the panels' own titles
     return _save(fig, path)
 
 
