@@ -1380,7 +1380,8 @@ def _table1_comparison(runs: Sequence[Run]) -> pd.DataFrame:
                          & (ok["train_data"] == TABLE1_PROTOCOL)]
                 if sub.empty:
                     continue
-                score = (float(sub["n"].min()), len(sub))
+                # the longest training budget first (a smoke run is a pipeline check), then images, seeds
+                score = (PROFILE_RANK.get(_profile_name(run), 1), float(sub["n"].min()), len(sub))
                 if best is None or score > best[0]:
                     best = (score, run, sub)
             if best is not None:
@@ -1396,7 +1397,8 @@ def _table1_comparison(runs: Sequence[Run]) -> pd.DataFrame:
                     "our params": _params_h(p),
                     "seeds": str(len(err)),
                     "test images": f"{int(sub['n'].min()):,}",
-                    "source run": f"{run.label} ({run.clean_cell}, profile {_profile_name(run)})",
+                    "source run": f"{run.label} ({run.clean_cell}, profile {_profile_name(run)}"
+                                  + ("; a pipeline check, not a result" if _profile_name(run) == "smoke" else "") + ")",
                 })
         rows.append(row)
     return pd.DataFrame(rows)
@@ -1432,6 +1434,9 @@ def _affnist_comparison(runs: Sequence[Run]) -> pd.DataFrame:
             break
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+PROFILE_RANK = {"smoke": 0, "quick": 1, "paper": 2}  # training budgets, shortest first
 
 
 def _profile_name(run: Run) -> str:

@@ -300,6 +300,7 @@ def test_paper_numbers_beside_ours(built):
     capsnet = t1[t1["our model"] == "capsnet"].iloc[0]
     assert capsnet["paper test error % (sd, 3 trials)"] == "0.25 ± 0.005"
     assert capsnet["source run"].startswith(("rotation-smoke", "part_shuffle-smoke"))
+    assert "profile smoke; a pipeline check, not a result" in capsnet["source run"]
     assert t1[t1["our model"] == "cnn_sabour"]["paper test error % (sd, 3 trials)"].iloc[0] == "0.39"
     # our interval (3 seeds of about 3% error on 200 images) holds our mean; the flag says
     # whether it holds the paper's 0.25% too
