@@ -1257,7 +1257,10 @@ def fig_capsnet(run: Run, recon_path: Path, dims_path: Path, data_root: str | Pa
     ckpt = _find_checkpoint(run, model_name, seed)
     if ckpt is None:
         return [], f"no checkpoint found for {model_name} seed {seed} (looked in run.json jobs and {run.path.parent / 'jobs'})"
-    model, cfg = load_checkpoint_model(ckpt)
+    try:
+        model, cfg = load_checkpoint_model(ckpt)
+    except Exception as e:  # cut off or garbled: say which file
+        return [], f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
     if getattr(model, "decoder", None) is None:
         return [], f"{model_name} has no decoder"
     x, y, _ = _test_images(run, data_root)

@@ -500,6 +500,13 @@ def test_a_garbled_predictions_file_leaves_its_cell_out_not_the_report(runs, tmp
     shutil.copytree(runs["rotation"], run_dir)
     (bad,) = run_dir.glob("predictions/capsnet-s1-*/rot+15.pt")
     bad.write_bytes(b"junk")
+    meta = json.loads((run_dir / "run.json").read_text())
+    ckpt = Path(meta["jobs"][0]["job_dir"]) / "checkpoint.pt"
+    damaged = tmp_path / "jobs" / "capsnet-cut" / "checkpoint.pt"  # a cut-off copy of the CapsNet checkpoint
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(ckpt.read_bytes()[:500])
+    meta["jobs"][0]["job_dir"] = str(damaged.parent)
+    (run_dir / "run.json").write_text(json.dumps(meta))
     out = tmp_path / "rep"
     report.write_report([run_dir, run_dir, tmp_path], out)  # the same run three times: read once
     md = (out / "report.md").read_text()
@@ -510,6 +517,7 @@ def test_a_garbled_predictions_file_leaves_its_cell_out_not_the_report(runs, tmp
     assert orient["pairs"] == (3 * 4 - 1) * N_IMAGES  # that cell and seed only
     assert "no usable per-image predictions for: rot+15 (seed 1)" in orient["notes"]
     assert md.count("## Run rotation-smoke") == 1
+    assert f"CapsNet reconstructions and capsule dimensions: checkpoint {damaged} cannot be loaded" in md
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):
