@@ -1502,7 +1502,7 @@ def _provenance(run: Run) -> tuple[list[str], pd.DataFrame]:
     m = run.meta
     env = m.get("environment") or {}
     prof_name = _profile_name(run)
-    eval_data = sorted(set(run.rows["eval_data"].dropna().astype(str)) - {""})
+    eval_data = sorted(set(run.ok_rows()["eval_data"].dropna().astype(str)) - {"", "none"})  # not the train rows
     items = [
         f"command: {m.get('command') or '(not recorded)'}",
         f"status: {m.get('status', '?')}; profile: {prof_name}; eval images per cell: {m.get('eval_images_per_cell', '?')}",
