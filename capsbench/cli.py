@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import traceback
 import warnings
@@ -36,6 +37,29 @@ def _int_at_least(lo: int):
         return v
 
     return parse
+
+
+def _version() -> str:
+    """capsbench's version: the installed package's, else ``capsbench.__version__`` (a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("capsbench")
+    except PackageNotFoundError:
+        import capsbench
+
+        return str(getattr(capsbench, "__version__", "unknown"))
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: like argparse's, but looks the version up only when asked (~50 ms)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {_version()}")  # on stdout, as argparse's own --version
+        parser.exit()
 
 
 _positive_int = _int_at_least(1)
@@ -116,20 +140,30 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from capsbench import data
 
+    root = data.resolve_data_root(args.data_root)
     if args.action == "info":
-        root = data.resolve_data_root(args.data_root)
         print(f"data root: {root}")
+        damaged: dict[str, int] = {}
         for row in data.data_info(args.data_root):
-            if row.get("present"):
-                print(f"  {row['dataset']:<14} {row.get('split', ''):<5} {row['file']:<28} {row.get('status', ''):<16} "
-                      f"sha256 {str(row.get('sha256', ''))[:16]}  md5 {row.get('md5', '')}")
+            where = f"  {row['dataset']:<14} {row.get('split', ''):<5} {row['file']:<28}"
+            if not row.get("present"):
+                print(f"{where} missing")
+            elif row.get("status") == "damaged":
+                print(f"{where} damaged: {row.get('problem')}")
+                damaged[row["dataset"]] = damaged.get(row["dataset"], 0) + 1
             else:
-                print(f"  {row['dataset']:<14} {row.get('split', ''):<5} {row['file']:<28} missing")
+                print(f"{where} {row.get('status', ''):<16} "
+                      f"sha256 {str(row.get('sha256', ''))[:16]}  md5 {row.get('md5', '')}")
+        given = f" --data-root {shlex.quote(args.data_root)}" if args.data_root else ""
+        for name, n in damaged.items():
+            print(f"{name}: {n} damaged file(s); copy good ones in their place, or run "
+                  f"'capsbench data fetch {name}{given}' when online to replace them")
         return 0
     names = [args.name] if args.name else ["mnist", "fashion_mnist"]
     for name in names:
-        paths = data.fetch_dataset(name, args.data_root)
-        print(f"{name}: {len(paths)} file(s) ready under {data.resolve_data_root(args.data_root)}")
+        got = len(data.fetch_dataset(name, args.data_root))
+        total = len(data.DATASETS[name].filenames())
+        print(f"{name}: {total} files present under {root} ({got} downloaded now, {total - got} already there)")
     return 0
 
 
@@ -246,9 +280,13 @@ def _check_data_root(args: argparse.Namespace, use_env: bool = True) -> None:
     root = resolve_data_root(given or None)
     if root.is_dir():
         return
-    what = "is a file, not a folder" if root.exists() else "does not exist"
+    if root.exists():
+        raise DataError(
+            f"data root {root} (from {source}) is a file, not a folder; point {source} at the folder "
+            f"that holds MNIST/raw/*.gz instead"
+        )
     raise DataError(
-        f"data root {root} (from {source}) {what}; point {source} at the folder that holds "
+        f"data root {root} (from {source}) does not exist; point {source} at the folder that holds "
         f"MNIST/raw/*.gz, or create it and run 'capsbench data fetch --data-root {root}' when online"
     )
 
@@ -271,18 +309,20 @@ def _preflight(args: argparse.Namespace) -> None:
     from capsbench.store import check_writable_dir
 
     command = getattr(args, "command", None)
-    if command == "train":
-        from capsbench.runner import resolve_device
+    if command == "data":
+        _check_data_root(args)  # info and fetch alike: a typed root that does not exist is a typo
+    elif command == "train":
+        from capsbench.runner import check_device_options, resolve_device
 
-        _train_config(args)
-        resolve_device(args.device)
+        cfg = _train_config(args)
+        check_device_options(resolve_device(args.device), cfg.amp, _speed_options(args, curve=args.curve))
         _check_data_root(args)
         out = check_writable_dir(args.out)
         check_writable_dir(out / "jobs")
         _check_data(args.dataset, args.data_root)
     elif command == "run":
         from capsbench.profiles import get_profile
-        from capsbench.runner import TrainConfig, resolve_device
+        from capsbench.runner import TrainConfig, check_device_options, resolve_device
         from capsbench.suites import get_suite
 
         suite = get_suite(args.suite)
@@ -298,7 +338,7 @@ def _preflight(args: argparse.Namespace) -> None:
         for model in models:
             TrainConfig(model=model, dataset=suite.dataset, protocol=suite.protocol,
                         profile=profile.name, match_accuracy=match).validate()
-        resolve_device(args.device)
+        check_device_options(resolve_device(args.device), args.amp, _speed_options(args))
         _check_data_root(args)
         out = check_writable_dir(args.out)
         check_writable_dir(out / f"{suite.name}-{profile.name}")
@@ -394,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark Capsule Networks against CNNs: train, evaluate robustness, report.",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--version", action=_VersionAction, help="print capsbench's version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pl = sub.add_parser("list", help="list models, suites, profiles or training protocols")
@@ -415,8 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
     pt.add_argument("--protocol", default="mnist28_shift2", help="training data protocol (capsbench list protocols)")
     pt.add_argument("--profile", default="quick", help="smoke, quick (CPU default) or paper")
-    pt.add_argument("--epochs", type=_positive_float, default=None)
-    pt.add_argument("--steps", type=_positive_int, default=None)
+    budget = pt.add_mutually_exclusive_group()  # both given, one would silently win
+    budget.add_argument("--epochs", type=_positive_float, default=None,
+                        help="train for this many epochs instead of the profile's budget")
+    budget.add_argument("--steps", type=_positive_int, default=None,
+                        help="train for this many steps instead of the profile's budget")
     pt.add_argument("--batch-size", type=_positive_int, default=None)
     pt.add_argument("--lr", type=_positive_float, default=None)
     pt.add_argument("--seed", type=_nonneg_int, default=0)

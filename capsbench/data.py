@@ -11,7 +11,10 @@ not what its name says) raises :class:`~capsbench.errors.DataError` with a messa
 the file, what was expected and what was found. Files whose checksums match no known-good
 copy still load, with a :class:`DataWarning`, because a faithful-but-different copy (such as
 a recompressed archive) is common and should not stop a run; the checksum of every file is
-recorded in the run's metadata so such runs stay traceable.
+recorded in the run's metadata so such runs stay traceable. Such files are also checked the
+way the loader checks them (gzip, IDX magic, dimensions, counts, labels) wherever they are
+only hashed, so ``capsbench data info`` shows a damaged one as ``damaged`` and
+:func:`fetch_dataset` replaces it.
 
 Example:
     >>> ds = load_dataset("mnist", "test")          # doctest: +SKIP
@@ -373,14 +376,18 @@ def _decompress(path: Path, raw: bytes) -> bytes:
         ) from err
 
 
-def _parse_idx(
+def _check_idx(
     path: Path,
     data: bytes,
     kind: Literal["images", "labels"],
     expected_count: int | None,
     expected_shape: tuple[int, int] | None,
-) -> torch.Tensor:
-    """Check an uncompressed IDX buffer and return its payload as a uint8 tensor."""
+) -> tuple[tuple[int, ...], int]:
+    """Check an uncompressed IDX buffer's magic, dimensions, count and length.
+
+    Returns:
+        ``(dims, header length)``.
+    """
     want_magic = _IDX_MAGIC[kind]
     ndim = _IDX_NDIM[kind]
     header_len = 4 + 4 * ndim
@@ -416,10 +423,29 @@ def _parse_idx(
             f"{path}: expected {want_len} payload bytes for {count} {kind} of shape "
             f"{dims[1:] or '()'}, found {have_len} ({problem})"
         )
+    return dims, header_len
+
+
+def _parse_idx(
+    path: Path,
+    data: bytes,
+    kind: Literal["images", "labels"],
+    expected_count: int | None,
+    expected_shape: tuple[int, int] | None,
+) -> torch.Tensor:
+    """Check an uncompressed IDX buffer and return its payload as a uint8 tensor."""
+    dims, header_len = _check_idx(path, data, kind, expected_count, expected_shape)
     # copy(): frombuffer over immutable bytes gives a read-only array; torch warns about
     # tensors over non-writable memory, and writing to them is undefined behaviour.
     arr = np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims).copy()
     return torch.from_numpy(arr)
+
+
+def _check_label_range(path: str | os.PathLike[str], labels: Any, spec: DatasetSpec) -> None:
+    """Raise unless every label (a 1-D tensor or array) is a class of ``spec``."""
+    top = int(labels.max()) if len(labels) else 0
+    if top >= spec.num_classes:
+        raise DataError(f"{path}: expected labels 0..{spec.num_classes - 1}, found {top}")
 
 
 def read_idx(
@@ -456,7 +482,7 @@ def read_idx(
 # Checksums
 # --------------------------------------------------------------------------------------------
 
-Status = Literal["verified", "verified-content", "unverified"]
+Status = Literal["verified", "verified-content", "unverified", "damaged"]
 
 
 @dataclass(frozen=True)
@@ -472,7 +498,10 @@ class FileInfo:
             uncompressed file); ``None`` when the file cannot be decompressed.
         status: ``"verified"`` (md5 equals the official ``.gz``), ``"verified-content"``
             (uncompressed sha256 equals the known upstream content, e.g. a recompressed
-            copy) or ``"unverified"``.
+            copy), ``"unverified"`` (no known checksum, but it passes the loader's checks),
+            or ``"damaged"`` (it fails them: the loader would refuse it).
+        problem: Why a ``"damaged"`` file fails (the loader's message, without the path);
+            ``None`` otherwise.
     """
 
     path: str
@@ -481,10 +510,11 @@ class FileInfo:
     sha256: str
     content_sha256: str | None
     status: Status
+    problem: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """Return the fields as a plain dict (JSON-ready)."""
-        return {
+        """Return the fields as a plain dict (JSON-ready); ``problem`` only when damaged."""
+        out = {
             "path": self.path,
             "size": self.size,
             "md5": self.md5,
@@ -492,11 +522,19 @@ class FileInfo:
             "content_sha256": self.content_sha256,
             "status": self.status,
         }
+        if self.problem is not None:
+            out["problem"] = self.problem
+        return out
 
 
 # (absolute path, size, mtime_ns) -> (md5, sha256, content_sha256). Hashing the 47 MB
 # training images costs ~0.3 s; runs that ask for metadata repeatedly should not pay it twice.
 _HASH_CACHE: dict[tuple[str, int, int], tuple[str, str, str | None]] = {}
+
+# (absolute path, size, mtime_ns, dataset, file name) -> what the loader's checks found wrong
+# with a file that matches no known checksum (None: nothing). The training images on our build
+# machines are such a file: checking them costs a 47 MB decompression, so once per process.
+_CHECK_CACHE: dict[tuple[str, int, int, str, str], str | None] = {}
 
 
 def _stat_key(path: Path) -> tuple[str, int, int]:
@@ -544,10 +582,46 @@ def _status(spec: DatasetSpec | None, filename: str, md5: str, content_sha: str 
     return "unverified"
 
 
+def _role(spec: DatasetSpec, filename: str) -> tuple[str, Literal["images", "labels"]] | None:
+    """Return (split, kind) of ``filename`` in ``spec``, or None when it is not one of its files."""
+    for split, names in spec.files.items():
+        if filename in names:
+            return split, "images" if names.index(filename) == 0 else "labels"
+    return None
+
+
+def _problem(path: Path, spec: DatasetSpec, filename: str) -> str | None:
+    """Run the loader's checks on one of ``spec``'s files; return what is wrong, or None.
+
+    The checks are the loader's own (gzip, IDX magic, dimensions, count, payload length,
+    label range), so a file passes here exactly when :func:`load_dataset` would read it.
+    """
+    role = _role(spec, filename)
+    if role is None:
+        return None
+    split, kind = role
+    key = (*_stat_key(path), spec.name, filename)
+    if key in _CHECK_CACHE:
+        return _CHECK_CACHE[key]
+    try:
+        content = _decompress(path, _read_bytes(path))
+        _, header_len = _check_idx(path, content, kind, spec.counts[split], spec.image_shape)
+        if kind == "labels":
+            _check_label_range(path, np.frombuffer(content, np.uint8, offset=header_len), spec)
+        problem = None
+    except DataError as err:
+        problem = str(err).removeprefix(f"{path}: ")
+    _CHECK_CACHE[key] = problem
+    return problem
+
+
 def file_info(
     path: str | os.PathLike[str], spec: DatasetSpec | None, filename: str | None = None
 ) -> FileInfo:
     """Hash a data file and classify it against a dataset's known checksums.
+
+    A file that matches no known checksum is checked as the loader checks it, and is
+    ``"damaged"`` (with the reason in :attr:`FileInfo.problem`) when the loader would refuse it.
 
     Args:
         path: The file as stored (``.gz`` or uncompressed).
@@ -557,7 +631,7 @@ def file_info(
             content).
 
     Returns:
-        The file's :class:`FileInfo`. Hashes are cached per (path, size, mtime).
+        The file's :class:`FileInfo`. Hashes and checks are cached per (path, size, mtime).
 
     Raises:
         DataError: The file does not exist or cannot be read.
@@ -566,8 +640,10 @@ def file_info(
     if filename is None:
         filename = p.name if p.name.endswith(".gz") else p.name + ".gz"
     size, md5, sha, content_sha = _hashes(p)
+    status = _status(spec, filename, md5, content_sha)
+    problem = _problem(p, spec, filename) if spec is not None and status == "unverified" else None
     return FileInfo(
-        os.path.abspath(p), size, md5, sha, content_sha, _status(spec, filename, md5, content_sha)
+        os.path.abspath(p), size, md5, sha, content_sha, "damaged" if problem else status, problem
     )
 
 
@@ -640,8 +716,8 @@ _WARNED: set[tuple[str, str]] = set()
 def clear_cache() -> None:
     """Forget loaded datasets (affNIST included) and already-issued warnings.
 
-    The hash cache is kept: it is keyed by (path, size, mtime), so it cannot go stale. Meant
-    for tests and long-lived processes.
+    The hash and check caches are kept: they are keyed by (path, size, mtime), so they cannot
+    go stale. Meant for tests and long-lived processes.
     """
     _DATASET_CACHE.clear()
     _AFFNIST_CACHE.clear()
@@ -738,12 +814,13 @@ def load_dataset(name: str, split: str, root: str | os.PathLike[str] | None = No
             _warn_unverified(spec, filename, info)
 
     images, labels = tensors
-    top = int(labels.max()) if labels.numel() else 0
-    if top >= spec.num_classes:
-        raise DataError(
-            f"{infos[1].path}: expected labels 0..{spec.num_classes - 1}, found {top}; "
-            f"{_damaged_hint(spec)}"
-        )
+    try:
+        _check_label_range(infos[1].path, labels, spec)
+    except DataError as err:
+        raise _with_damaged_hint(err, spec) from err
+    for filename, path in zip(names, paths, strict=True):
+        assert path is not None
+        _CHECK_CACHE[(*_stat_key(path), spec.name, filename)] = None  # no need to check again
     ds = Dataset(key_name, split, images, labels.long(), tuple(infos), str(root_path))
     _DATASET_CACHE[cache_key] = ds
     return ds
@@ -799,8 +876,9 @@ def data_info(root: str | os.PathLike[str] | None = None) -> list[dict[str, Any]
     Returns:
         One row per expected file of every dataset and split, with keys ``dataset``,
         ``split``, ``file``, ``path``, ``present``, ``size``, ``md5``, ``sha256``, ``status``
-        (the last four ``None`` when absent), then one ``affnist`` test row (present or not;
-        affNIST files are not hashed here because the test set is ~500 MB).
+        (the last four ``None`` when absent) and ``problem`` (why a ``"damaged"`` file is,
+        else ``None``; see :func:`file_info`), then one ``affnist`` test row (present or not;
+        affNIST files are not hashed or checked here because the test set is ~500 MB).
     """
     root_path = resolve_data_root(root)
     rows: list[dict[str, Any]] = []
@@ -819,11 +897,12 @@ def data_info(root: str | os.PathLike[str] | None = None) -> list[dict[str, Any]
                     "md5": None,
                     "sha256": None,
                     "status": None,
+                    "problem": None,
                 }
                 if path is not None:
                     info = file_info(path, spec, f)
                     row.update(size=info.size, md5=info.md5, sha256=info.sha256)
-                    row["status"] = info.status
+                    row.update(status=info.status, problem=info.problem)
                 rows.append(row)
     aff = find_affnist(root_path)
     rows.append(
@@ -837,6 +916,7 @@ def data_info(root: str | os.PathLike[str] | None = None) -> list[dict[str, Any]
             "md5": None,
             "sha256": None,
             "status": "unverified" if aff else None,
+            "problem": None,
         }
     )
     return rows
@@ -879,11 +959,13 @@ def _download(url: str, dest_dir: Path, timeout: float) -> tuple[Path, str]:
 def fetch_dataset(
     name: str, root: str | os.PathLike[str] | None = None, timeout: float = 20
 ) -> list[Path]:
-    """Download the missing files of a dataset into ``<root>/<folder>/raw/``.
+    """Download the missing and damaged files of a dataset into ``<root>/<folder>/raw/``.
 
     Mirrors are tried in turn. Each file is written to a temporary file next to its final
     place and renamed only once its md5 equals the official one, so an interrupted or
-    tampered download never looks like a valid file.
+    tampered download never looks like a valid file. A present file is damaged when
+    :func:`file_info` says so (it matches no known checksum and fails the loader's checks);
+    the download replaces it, and a failed download leaves it as it was.
 
     Args:
         name: Dataset name or alias.
@@ -891,18 +973,29 @@ def fetch_dataset(
         timeout: Socket timeout per connection attempt, in seconds.
 
     Returns:
-        The paths downloaded now (empty when every file was already present).
+        The paths downloaded now (empty when every file was already present and undamaged).
 
     Raises:
         ConfigError: Unknown dataset.
         DataError: The root is not writable; no mirror could be reached (one line saying
-            so and how to use local files instead); or every mirror answered with an error
+            so and how to use local files instead; when a file was there but damaged, it
+            names the file and the damage first); or every mirror answered with an error
             or a file whose md5 is wrong.
     """
     spec = DATASETS[canonical_name(name)]
     root_path = resolve_data_root(root)
     raw_dir = root_path / spec.folder / "raw"
-    todo = [f for f in spec.filenames() if _locate(raw_dir, f) is None]
+    todo: list[str] = []
+    damaged: dict[str, FileInfo] = {}
+    for f in spec.filenames():
+        present = _locate(raw_dir, f)
+        if present is None:
+            todo.append(f)
+            continue
+        info = file_info(present, spec, f)
+        if info.status == "damaged":
+            todo.append(f)
+            damaged[f] = info
     if not todo:
         return []
     hint = f"point the data root at local files with --data-root PATH or {DATA_ENV}=PATH"
@@ -944,15 +1037,17 @@ def fetch_dataset(
             break
         else:
             if len(network) == len(spec.mirrors):
-                reason = network[0]
-                raise DataError(
-                    f"cannot download {spec.display_name} (no network: {reason}); {hint}"
+                msg = f"cannot download {spec.display_name} (no network: {network[0]}); {hint}"
+            else:
+                msg = (
+                    f"cannot download {spec.display_name} file {filename}: "
+                    + "; ".join(failures)
+                    + f"; {hint}"
                 )
-            raise DataError(
-                f"cannot download {spec.display_name} file {filename}: "
-                + "; ".join(failures)
-                + f"; {hint}"
-            )
+            bad = damaged.get(filename)
+            if bad is not None:
+                msg = f"{bad.path} is damaged ({bad.problem}) and {msg}"
+            raise DataError(msg)
     return fetched
 
 

@@ -345,7 +345,8 @@ def test_read_idx_fuzz_truncation(
 def test_file_info_on_corrupt_gz(tmp_path: Path) -> None:
     path = write(tmp_path / "t10k-labels-idx1-ubyte.gz", b"\x1f\x8b\x08\x00broken")
     info = file_info(path, MNIST, path.name)
-    assert info.status == "unverified" and info.content_sha256 is None and info.size == 10
+    assert info.status == "damaged" and info.content_sha256 is None and info.size == 10
+    assert info.problem.startswith("expected a complete gzip stream")
 
 
 # ---------------------------------------------------------------------------------------------
