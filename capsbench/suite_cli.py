@@ -21,9 +21,14 @@ def name_list(text: str | None, option: str) -> list[str] | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from capsbench.cli import _speed_options
+    from capsbench.errors import ConfigError
     from capsbench.suite_runner import run_suite
 
     models = name_list(args.models, "--models")
+    ray_only = [f for f, v in (("--ray-address", args.ray_address), ("--cpus-per-task", args.cpus_per_task))
+                if v is not None]
+    if ray_only and args.executor != "ray":
+        raise ConfigError(f"{' and '.join(ray_only)} only apply with --executor ray; add it or leave them out")
     run_dir = run_suite(
         args.suite,
         models=models,
@@ -37,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         command="capsbench " + " ".join(sys.argv[1:]),
         executor=args.executor,
         ray_address=args.ray_address,
-        cpus_per_task=args.cpus_per_task,
+        cpus_per_task=1 if args.cpus_per_task is None else args.cpus_per_task,
         deterministic=args.deterministic,
         amp=args.amp,
         speed=_speed_options(args),
@@ -67,7 +72,7 @@ def add_commands(sub, add_common) -> None:
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to use with --executor ray (e.g. ray://HEAD:10001 or auto); "
                         "default: start a local one for the run")
-    p.add_argument("--cpus-per-task", type=_positive_int, default=1,
+    p.add_argument("--cpus-per-task", type=_positive_int, default=None,
                    help="CPUs (and torch threads) per Ray task (default 1)")
     p.add_argument("--deterministic", action="store_true",
                    help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")

@@ -90,6 +90,8 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     (["profile", "--models", ""], "--models is empty"),
     (["speed", "--variants", ""], "--variants is empty"),
     (["speed", "--model", "lenet5", "--variants", "fp32,bf16_cl_graph"], "bf16_cl_graph need a CUDA device"),
+    (["run", "--suite", "rotation", "--cpus-per-task", "2"], "--cpus-per-task only apply with --executor ray"),
+    (["run", "--suite", "rotation", "--ray-address", "auto"], "--ray-address only apply with --executor ray"),
 ])
 def test_empty_lists_and_gpu_only_variants_stop_before_any_work(tmp_path, capsys, args, message):
     assert main([*args, "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
