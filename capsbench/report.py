@@ -54,6 +54,7 @@ from capsbench.errors import CapsbenchError, ConfigError
 from capsbench.store import (
     ID_COLUMNS,
     PROVENANCE_COLUMNS,
+    TEXT_COLUMNS,
     VALUE_COLUMNS,
     atomic_write_text,
     ensure_writable_dir,
@@ -228,7 +229,7 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
             f"{path}: no results.csv yet (the run evaluated nothing); finish it with `capsbench run` or leave it out"
         )
     try:
-        rows = pd.read_csv(results_path, keep_default_na=False, na_values=[""])
+        rows = pd.read_csv(results_path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(TEXT_COLUMNS, str))
     except pd.errors.EmptyDataError:
         rows = pd.DataFrame()
     except Exception as e:

@@ -42,6 +42,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Columns of results.csv that hold text (names, keys, hashes). They are read back as text, never
+# guessed: a job key like 1234e5678901 would become a float, an all-digit one an int, and a
+# data hash would lose its leading zeros; then no row matches its job and all is redone.
+TEXT_COLUMNS = ("run_id", "suite", "model", "train_data", "eval_data", "transform", "cell", "direction",
+                "metric", "profile", "device", "git_sha", "data_sha256", "job_key", "error")
+
 _UMASK: list[int] = []
 
 

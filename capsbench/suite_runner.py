@@ -15,10 +15,18 @@ files of interrupted writes are removed. A run directory is locked while a run u
 second run into it fails naming the holder). A cell that fails writes a row with its error,
 a job that cannot be trained (NaN loss, out of memory at every batch size) writes an error row,
 and the run goes on.
+
+A run folder holds one configuration: more models or seeds can be added to it, but a run whose
+jobs would compute something else (another ``--match-accuracy``, ``--amp``, learning rate,
+profile budget or model code) is refused before it writes anything. run.json keeps the record
+of every run into the folder (models, seeds, jobs, and each command with its time). Rows of
+results.csv that were cut off or lack their job key, metric or value are dropped on reading
+(with a warning) and their cells evaluated again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -48,6 +56,7 @@ from capsbench.runner import (
     set_deterministic,
 )
 from capsbench.store import (
+    TEXT_COLUMNS,
     atomic_torch_save,
     ensure_writable_dir,
     environment_info,
@@ -57,6 +66,14 @@ from capsbench.store import (
 )
 from capsbench.suites import Suite, cell_generator, get_suite
 
+# A row without one of these was cut off or garbled: it is dropped and its cell evaluated again.
+REQUIRED_COLUMNS = ("model", "seed", "cell", "metric", "n", "job_key")
+# Metrics whose value is NaN in a good row (error rows aside): a job that never reached
+# --match-accuracy has no step at which it did.
+NAN_METRICS = ("matched_at_step",)
+# The rows every trained job has in the "train" cell (see _train_rows).
+TRAIN_METRICS = ("params", "train_steps", "train_time_s")
+
 
 def _has_error(row: dict[str, Any]) -> bool:
     # rows read back from CSV carry NaN (not "") where there was no error
@@ -64,16 +81,48 @@ def _has_error(row: dict[str, Any]) -> bool:
     return isinstance(err, str) and bool(err)
 
 
-def _load_rows(path: Path) -> list[dict[str, Any]]:
+def _is_complete(row: dict[str, Any]) -> bool:
+    """Whether a row read back from results.csv has every field a written row has."""
+    if any(_missing(row.get(c)) for c in REQUIRED_COLUMNS):
+        return False
+    return not _missing(row.get("value")) or _has_error(row) or row["metric"] in NAN_METRICS
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v == "" or (isinstance(v, float) and v != v)
+
+
+def _load_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The rows of an earlier results.csv, and how many damaged rows were dropped from it.
+
+    A row cut off mid-line (the file does not end with a newline) or missing its job key,
+    metric or value is dropped, so its cell is evaluated again.
+    """
     if not path.exists():
-        return []
+        return [], 0
+    import io
+
     import pandas as pd
 
+    data = path.read_bytes()
+    cut = 0
+    if data and not data.endswith(b"\n") and b"\n" in data:  # the last row was cut off mid-line
+        data, cut = data[: data.rindex(b"\n") + 1], 1
     try:
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        df = pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=[""],
+                         dtype=dict.fromkeys(TEXT_COLUMNS, str))
     except Exception as e:
         raise CapsbenchError(f"{path}: cannot read earlier results ({e}); move the file away to start afresh") from None
-    return df.to_dict("records")
+    for c in ("seed", "n", "value"):  # numbers; a garbled one is missing, and its row dropped
+        if c in df.columns:
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+    rows = df.to_dict("records")
+    good = [r for r in rows if _is_complete(r)]
+    for r in good:  # a dropped row may have left an integer column as floats
+        for c in ("seed", "n"):
+            if isinstance(r[c], float) and r[c].is_integer():
+                r[c] = int(r[c])
+    return good, cut + len(rows) - len(good)
 
 
 def run_suite(
@@ -107,7 +156,7 @@ def run_suite(
     """
     suite = get_suite(suite_name)
     prof = get_profile(profile)
-    models = list(models or suite.default_models)
+    models = list(dict.fromkeys(models or suite.default_models))  # each once, in the order given
     known = list_models()
     unknown = [m for m in models if m not in known]
     if unknown:
@@ -157,37 +206,13 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
     env = environment_info(dev)
 
     results_path = run_dir / "results.csv"
-    rows = _load_rows(results_path)
-    done = {(r["job_key"], r["cell"]) for r in rows if not _has_error(r)}
-    rows = [r for r in rows if (r["job_key"], r["cell"]) in done]  # failed cells are retried
-    jobs_meta: list[dict[str, Any]] = []
+    loaded, dropped = _load_rows(results_path)
+    if dropped:
+        log(f"{results_path}: dropped {dropped} damaged row(s) (cut off, or without job key, metric or value); "
+            "their cells are evaluated again")
+    previous = _read_run_json(run_dir, log)
 
-    def write_run_json(status: str) -> None:
-        write_json(
-            run_dir / "run.json",
-            {
-                "status": status,
-                "command": command,
-                "suite": suite.describe(),
-                "models": models,
-                "seeds": seeds,
-                "profile": asdict(prof),
-                "match_accuracy": match_accuracy,
-                "eval_images_per_cell": n_eval,
-                "device": str(dev),
-                "executor": executor,
-                "deterministic": deterministic,
-                "determinism_flags": flags,
-                "amp": amp,
-                "speed_options": speed,
-                "environment": env,
-                "data_root": str(resolve_data_root(data_root)),
-                "data_checksums": sums,
-                "jobs": jobs_meta,
-            },
-        )
-
-    specs: list[JobSpec] = []
+    planned: list[tuple[TrainConfig, dict[str, Any]]] = []
     for model_name in models:
         for seed in range(seeds):
             cfg = TrainConfig(
@@ -212,12 +237,73 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
                 "data_sha256": data_tag,
                 "job_key": cfg.key,
             }
-            todo = [c.name for c in suite.cells if (cfg.key, c.name) not in done]
-            if not todo:
-                log(f"{model_name} seed {seed}: all {len(suite.cells)} cells already evaluated")
-                jobs_meta.append({"model": model_name, "seed": seed, "job_key": cfg.key, "reused": True})
-                continue
-            specs.append(JobSpec(cfg, base, todo))
+            planned.append((cfg, base))
+    # Before anything is written: a folder holds one configuration (its jobs would mix).
+    _check_same_settings(run_dir, previous, suite, prof, n_eval, match_accuracy, amp, lrs, models)
+    _check_same_jobs(run_dir, loaded, planned)
+    if dropped:  # the damaged rows go now, even when nothing is left to do
+        write_rows_csv(results_path, _with_direction_means(suite, loaded))
+
+    rows = [r for r in loaded if not _has_error(r)]  # failed cells are retried
+    metrics: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        metrics.setdefault((r["job_key"], r["cell"]), set()).add(r["metric"])
+    train_metrics = set(TRAIN_METRICS) | ({"matched_at_step"} if match_accuracy is not None else set())
+
+    # run.json keeps the record of earlier runs into this folder: models, seeds, jobs, commands
+    jobs: dict[str, dict[str, Any]] = {}
+    for i, job in enumerate(previous.get("jobs") or []):
+        if isinstance(job, dict):
+            jobs[str(job.get("job_key") or f"#{i}")] = job
+    all_models = list(dict.fromkeys([*(previous.get("models") or []), *models]))
+    seen_seeds = [int(r["seed"]) + 1 for r in loaded]
+    all_seeds = max([seeds, *seen_seeds, *([previous["seeds"]] if isinstance(previous.get("seeds"), int) else [])])
+    commands = list(previous.get("commands") or [])
+    if previous and not commands:  # written before run.json kept a history
+        commands.append({"command": previous.get("command"), "time": None, "models": previous.get("models"),
+                         "seeds": previous.get("seeds")})
+    commands.append({"command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": models,
+                     "seeds": seeds, "device": str(dev)})
+
+    def add_job(key: str, entry: dict[str, Any]) -> None:  # key: the planned job's (as in the rows)
+        jobs[key] = _merged_job(jobs.get(key), entry)
+
+    def write_run_json(status: str) -> None:
+        write_json(
+            run_dir / "run.json",
+            {
+                "status": status,
+                "command": command,
+                "commands": commands,
+                "suite": suite.describe(),
+                "models": all_models,
+                "seeds": all_seeds,
+                "profile": asdict(prof),
+                "match_accuracy": match_accuracy,
+                "amp": amp,
+                "lr": {**(previous.get("lr") or {}), **lrs},
+                "eval_images_per_cell": n_eval,
+                "device": str(dev),
+                "executor": executor,
+                "deterministic": deterministic,
+                "determinism_flags": flags,
+                "speed_options": speed,
+                "environment": env,
+                "data_root": str(resolve_data_root(data_root)),
+                "data_checksums": sums,
+                "jobs": list(jobs.values()),
+            },
+        )
+
+    specs: list[JobSpec] = []
+    for cfg, base in planned:
+        key = cfg.key
+        todo = [c.name for c in suite.cells if not set(_cell_metrics(suite, c)) <= metrics.get((key, c.name), set())]
+        if not todo and train_metrics <= metrics.get((key, "train"), set()):
+            log(f"{cfg.model} seed {cfg.seed}: all {len(suite.cells)} cells already evaluated")
+            add_job(key, {"model": cfg.model, "seed": cfg.seed, "job_key": key, "reused": True})
+            continue
+        specs.append(JobSpec(cfg, base, todo))  # no cell left: the job's own rows are rewritten
 
     write_run_json("running")
     t0 = time.perf_counter()
@@ -237,24 +323,108 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
                 rows = [r for r in rows if not (r["job_key"] == key and r["cell"] == "train")]
                 rows.append({**spec.base, "eval_data": "none", "transform": "train", "cell": "train",
                              "metric": "train_error", "value": float("nan"), "n": 0, "error": payload})
-                jobs_meta.append({"model": spec.base["model"], "seed": spec.base["seed"], "job_key": key,
-                                  "error": payload})
+                add_job(key, {"model": spec.base["model"], "seed": spec.base["seed"], "job_key": key, "error": payload})
                 write_run_json("running")
             elif kind == "trained":
-                jobs_meta.append(payload)
+                add_job(key, payload)
                 # Job rows first (replacing any from an earlier, interrupted run), then every
                 # cell's rows as soon as the cell is done.
                 rows = [r for r in rows if not (r["job_key"] == key and r["cell"] == "train")]
                 rows.extend(_train_rows(payload, spec.base))
                 write_run_json("running")
             else:
-                rows = _with_direction_means(suite, rows + payload)
+                # a cell evaluated again replaces its rows (an earlier run may have left some)
+                new = {(r["job_key"], r["cell"]) for r in payload}
+                rows = _with_direction_means(suite, [r for r in rows if (r["job_key"], r["cell"]) not in new] + payload)
             write_rows_csv(results_path, rows)
     finally:
         runner.close()
     write_run_json("finished")
     log(f"{suite.name}: done in {time.perf_counter() - t0:.0f} s; results in {results_path}")
     return run_dir
+
+
+# Settings recorded in run.json that change what a run's jobs compute (their job keys, or
+# the images each cell is evaluated on): a folder holds one value of each.
+PROFILE_SETTINGS = ("steps", "epochs", "batch_size", "protocol_scale", "lr_schedule", "lr", "lr_per_model")
+
+
+def _read_run_json(run_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The run.json of earlier runs into ``run_dir`` ({} when none); a damaged one is set aside."""
+    path = run_dir / "run.json"
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict):
+        return meta
+    kept = path.with_name("run.json.damaged")
+    path.replace(kept)
+    log(f"{path} is damaged (not a JSON object); kept it as {kept.name} and started a new record of the runs")
+    return {}
+
+
+def _fmt(v: Any) -> str:
+    return "unset" if v is None else json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+def _refuse(run_dir: Path, what: str) -> ConfigError:
+    return ConfigError(f"{run_dir} holds a run with other settings ({what}); its results and this run's would mix: "
+                       f"use another --out, or delete {run_dir} to start afresh")
+
+
+def _check_same_settings(run_dir: Path, previous: Mapping[str, Any], suite: Suite, prof, n_eval: int,
+                         match_accuracy: float | None, amp: str | None, lrs: Mapping[str, float],
+                         models: Sequence[str]) -> None:
+    """Refuse to run into a folder whose run.json records other job-defining settings."""
+    if not previous:
+        return
+    now: dict[str, Any] = {"match_accuracy": match_accuracy, "amp": amp, "eval_images_per_cell": n_eval}
+    then: dict[str, Any] = {k: previous[k] for k in now if k in previous}
+    old_suite = previous.get("suite") or {}
+    if "dataset" in old_suite and "protocol" in old_suite:
+        then["training data"] = f"{old_suite['dataset']}:{old_suite['protocol']}"
+        now["training data"] = f"{suite.dataset}:{suite.protocol}"
+    old_prof, new_prof = previous.get("profile") or {}, json.loads(json.dumps(asdict(prof)))
+    for f in PROFILE_SETTINGS:
+        if f in old_prof:
+            then[f"profile {f}"], now[f"profile {f}"] = old_prof[f], new_prof.get(f)
+    if isinstance(previous.get("lr"), dict):  # per model, for the models both runs train
+        for m in (m for m in models if m in (previous.get("models") or [])):
+            then[f"lr of {m}"], now[f"lr of {m}"] = previous["lr"].get(m), lrs.get(m)
+    diffs = [f"{k}: {_fmt(then[k])} there, {_fmt(now[k])} now" for k in then if then[k] != now[k]]
+    if diffs:
+        raise _refuse(run_dir, "; ".join(diffs))
+
+
+def _check_same_jobs(run_dir: Path, rows: Sequence[Mapping[str, Any]],
+                     planned: Sequence[tuple[TrainConfig, Mapping[str, Any]]]) -> None:
+    """Refuse when the folder's rows hold a model and seed of this run under another job key.
+
+    Catches what run.json does not record (a profile or model changed in the code; a run.json
+    from before settings were recorded).
+    """
+    want = {(base["model"], base["seed"]): base["job_key"] for _, base in planned}
+    for r in rows:
+        key = want.get((r["model"], r["seed"]))
+        if key is not None and r["job_key"] != key:
+            raise _refuse(run_dir, f"{r['model']} seed {r['seed']} there is job {r['job_key']}, now it is job {key}: "
+                                   "the profile, the model's code or a training setting changed")
+
+
+def _merged_job(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """run.json's entry of a job: a reused job keeps the entry of the run that trained it."""
+    if old is not None and new.get("reused") and old.get("job_dir") and not old.get("error"):
+        return old
+    return new
+
+
+def _cell_metrics(suite: Suite, cell) -> tuple[str, ...]:
+    """The metrics a successful evaluation of ``cell`` writes (see evaluate_cells)."""
+    unchanged = "unchanged" in suite.metrics and cell.reference is not None
+    return ("accuracy", "confidence") + (("unchanged",) if unchanged else ())
 
 
 def _train_rows(meta: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -331,7 +501,7 @@ def evaluate_cells(
             preds[cell.name] = pred
             n = int(labels.shape[0])
             values = {"accuracy": correct.float().mean().item(), "confidence": conf_true.mean().item()}
-            if "unchanged" in suite.metrics and cell.reference is not None:
+            if "unchanged" in _cell_metrics(suite, cell):
                 ref = preds.get(cell.reference)
                 if ref is None:
                     saved = torch.load(pred_dir / f"{cell.reference}.pt", weights_only=True)

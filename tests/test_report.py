@@ -520,6 +520,27 @@ def test_a_garbled_predictions_file_leaves_its_cell_out_not_the_report(runs, tmp
     assert f"CapsNet reconstructions and capsule dimensions: checkpoint {damaged} cannot be loaded" in md
 
 
+def test_job_keys_that_look_like_numbers_stay_text(runs, tmp_path):
+    """A job key is 12 hex digits: '1234e5678901' or '012345678901' must not be read as numbers,
+    or the report cannot find the job's predictions."""
+    import shutil
+
+    run_dir = tmp_path / "part_shuffle-smoke"
+    shutil.copytree(runs["part_shuffle"], run_dir)
+    new = {"kcapsnet0": "1234e5678901", "kcnn_maxpool0": "012345678901"}
+    text = (run_dir / "results.csv").read_text()
+    meta = (run_dir / "run.json").read_text()
+    for old, key in new.items():
+        text, meta = text.replace(old, key), meta.replace(old, key)
+        (pdir,) = run_dir.glob(f"predictions/*-{old}")
+        pdir.rename(pdir.with_name(pdir.name.replace(old, key)))
+    (run_dir / "results.csv").write_text(text)
+    (run_dir / "run.json").write_text(meta)
+    report.write_report([run_dir], tmp_path / "rep")
+    v = pd.read_csv(tmp_path / "rep" / "tables" / "verdicts.csv", keep_default_na=False).set_index("claim")
+    assert v.loc["pooling", "pairs"] == 3 * N_IMAGES, v.loc["pooling", "notes"]
+
+
 def test_bad_input_is_a_one_line_error(tmp_path):
     not_run = tmp_path / "somewhere"
     not_run.mkdir()
