@@ -116,6 +116,8 @@ class TrainConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(f"give steps ({self.steps}) or epochs ({self.epochs:g}), not both")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.lr is not None and not self.lr > 0:

@@ -70,6 +70,7 @@ def test_nan_loss_stops_with_a_clear_error(data_root, tmp_path):
         ({"protocol": "nope"}, "protocol"),
         ({"profile": "nope"}, "profile"),
         ({"lr": 0}, "learning rate"),
+        ({"steps": 5, "epochs": 1.0}, r"give steps \(5\) or epochs \(1\), not both"),
     ],
 )
 def test_invalid_config_is_rejected(kw, match):
