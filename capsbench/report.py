@@ -1419,6 +1419,8 @@ def _affnist_comparison(runs: Sequence[Run]) -> pd.DataFrame:
             "our model": prow.our_model,
             "our expanded MNIST %": "—",
             "our affNIST %": "—",
+            "our affNIST 95% CI % (images and seeds)": "—",
+            "seeds": "—",
             "our test set": "—",
             "source run": "—",
         }
@@ -1429,9 +1431,12 @@ def _affnist_comparison(runs: Sequence[Run]) -> pd.DataFrame:
             a = sub[sub["cell"] == "affnist"]
             if e.empty and a.empty:
                 continue
+            lo, hi = proportion_ci(a["value"].to_numpy(float), float(a["n"].min())) if len(a) else (np.nan, np.nan)
             row.update({
                 "our expanded MNIST %": _pct(e.mean()) if len(e) else "—",
                 "our affNIST %": _pct(a["value"].mean()) if len(a) else "—",
+                "our affNIST 95% CI % (images and seeds)": f"[{_pct(lo)}, {_pct(hi)}]" if np.isfinite(lo) else "—",
+                "seeds": str(len(a)) if len(a) else "—",
                 "our test set": ", ".join(sorted(set(a["eval_data"].dropna().astype(str)))) or "—",
                 "source run": f"{run.label} (profile {_profile_name(run)})",
             })
@@ -1631,7 +1636,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     ta = _affnist_comparison(suite_runs)
     tables["paper_affnist"] = ta
     doc.table(ta, caption="affNIST (paper Section 5.2): accuracy on expanded MNIST and affNIST. The paper's CNN "
-                          "has max-pooling and dropout; ours is cnn_maxpool.")
+                          "has max-pooling and dropout; ours is cnn_maxpool. Our interval adds test-image "
+                          "sampling to the spread over seeds (with one seed: the Wilson interval over the images).")
 
     # Per run
     for run in suite_runs:

@@ -311,6 +311,9 @@ def test_paper_numbers_beside_ours(built):
     af = pd.read_csv(out / "tables" / "paper_affnist.csv", keep_default_na=False)
     assert list(af["paper affNIST %"].astype(str)) == ["79", "66"]
     assert set(af["our test set"]) == {"affnist_synth"}
+    for _, r in af.iterrows():  # 2 seeds on 200 images: the interval holds the mean
+        lo, hi = (float(x) for x in r["our affNIST 95% CI % (images and seeds)"].strip("[]").split(","))
+        assert lo < float(r["our affNIST %"]) < hi and r["seeds"] == 2
 
 
 # --------------------------------------------------------------------------- verdicts
