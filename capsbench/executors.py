@@ -239,7 +239,7 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"at {address}" if address else "locally"
                 raise ConfigError(
-                    f"cannot start or reach a Ray cluster {where} ({str(e).splitlines()[0]}); "
+                    f"cannot start or reach a Ray cluster {where} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
                     "check --ray-address (e.g. ray://HEAD:10001) or run with --executor local"
                 ) from None
             self.started = True

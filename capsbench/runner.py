@@ -703,7 +703,7 @@ def load_finished(
         state = torch.load(ckpt, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
     except Exception as e:  # truncated, garbled or from another model: one line, not a traceback
-        raise TrainingError(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        raise TrainingError(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
                             f"delete the job folder {job_dir} to train the job again") from None
     if channels_last_for(model, dev):
         model = model.to(memory_format=torch.channels_last)
