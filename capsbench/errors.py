@@ -25,3 +25,15 @@ class ConfigError(CapsbenchError):
 
 class TrainingError(CapsbenchError):
     """A training job failed for a reason the user should see (e.g. a NaN loss)."""
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message ("" for an empty one), cut to ``limit`` characters."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:limit]
+
+
+def describe(e: BaseException, limit: int | None = None) -> str:
+    """``"TypeName: first line"`` of an exception, for a one-line error or an error row."""
+    line = first_line(e, limit)
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__

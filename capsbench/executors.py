@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from capsbench.errors import CapsbenchError, ConfigError
+from capsbench.errors import CapsbenchError, ConfigError, describe, first_line
 from capsbench.models import count_parameters
 
 EXECUTORS = ("local", "ray")
@@ -239,7 +239,7 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"at {address}" if address else "locally"
                 raise ConfigError(
-                    f"cannot start or reach a Ray cluster {where} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                    f"cannot start or reach a Ray cluster {where} ({first_line(e) or type(e).__name__}); "
                     "check --ray-address (e.g. ray://HEAD:10001) or run with --executor local"
                 ) from None
             self.started = True
@@ -270,7 +270,7 @@ class RayExecutor:
             try:
                 value = ray.get(ref)
             except Exception as e:  # a worker that died (killed, out of host memory)
-                value = f"Ray task failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                value = f"Ray task failed: {describe(e)}"
                 if kind == "cells":
                     yield "cells", spec, [_error_row(spec, c, value) for c in spec.base["_batch"]]
                     continue

@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from capsbench.errors import ConfigError
+from capsbench.errors import ConfigError, describe, first_line
 from capsbench.models import count_parameters, create_model, model_info
 from capsbench.models.capsnet import ROUTING_KERNELS
 from capsbench.models.fft_conv import CONV_IMPLS
@@ -891,7 +891,7 @@ def _profile_config(
                     meta["implementations"].setdefault(label, {}).setdefault(cell, {})[mode] = used
                 timing = time_fn(fn, dev, repeats=repeats, warmup=warmup, budget_s=budget_s)
             except (RuntimeError, ValueError) as e:
-                err = ("CUDA out of memory: " if _is_oom(e) else f"{type(e).__name__}: ") + (str(e).splitlines() or [""])[0]
+                err = "CUDA out of memory: " + first_line(e) if _is_oom(e) else describe(e)
                 out += [row(cell, m, nan, 0, bs, error=err) for m in metrics]
                 msg.append(f"{mode} failed ({err[:80]})")
                 opt.zero_grad(set_to_none=True)
@@ -925,7 +925,7 @@ def _profile_config(
                     trace_train_step(model, opt, x, y, path, sb.order)
                     meta["traces"].append(str(path))
             except (RuntimeError, ValueError) as e:
-                err = ("CUDA out of memory: " if _is_oom(e) else f"{type(e).__name__}: ") + (str(e).splitlines() or [""])[0]
+                err = "CUDA out of memory: " + first_line(e) if _is_oom(e) else describe(e)
                 out.append(row(cell, "stage_time_s", nan, 0, bs, error=err))
                 opt.zero_grad(set_to_none=True)
                 _free(dev)

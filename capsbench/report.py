@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from capsbench import paper
-from capsbench.errors import CapsbenchError, ConfigError
+from capsbench.errors import CapsbenchError, ConfigError, describe
 from capsbench.store import (
     ID_COLUMNS,
     PROVENANCE_COLUMNS,
@@ -174,7 +174,7 @@ class Run:
             if not {"pred", "label"} <= set(out) or len(out["pred"]) != len(out["label"]):
                 raise ValueError("no per-image 'pred' and 'label' of one length in it")
         except Exception as e:  # cut off or garbled: that cell is missing, the report goes on
-            self.unreadable[str(path)] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            self.unreadable[str(path)] = describe(e, 120)
             return None
         return out
 
@@ -1265,7 +1265,7 @@ def fig_capsnet(run: Run, recon_path: Path, dims_path: Path, data_root: str | Pa
     try:
         model, cfg = load_checkpoint_model(ckpt)
     except Exception as e:  # cut off or garbled: say which file
-        return [], f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        return [], f"checkpoint {ckpt} cannot be loaded ({describe(e, 120)})"
     if getattr(model, "decoder", None) is None:
         return [], f"{model_name} has no decoder"
     x, y, _ = _test_images(run, data_root)

@@ -24,7 +24,7 @@ import torch
 
 from capsbench import transforms as T
 from capsbench.data import data_checksums, ensure_dataset
-from capsbench.errors import ConfigError, TrainingError
+from capsbench.errors import ConfigError, TrainingError, describe, first_line
 from capsbench.locks import DirLock, remove_partial_files
 from capsbench.malloc import keep_freed_memory
 from capsbench.models import count_parameters, create_model
@@ -703,7 +703,7 @@ def load_finished(
         state = torch.load(ckpt, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
     except Exception as e:  # truncated, garbled or from another model: one line, not a traceback
-        raise TrainingError(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
+        raise TrainingError(f"checkpoint {ckpt} cannot be loaded ({describe(e, 120)}); "
                             f"delete the job folder {job_dir} to train the job again") from None
     if channels_last_for(model, dev):
         model = model.to(memory_format=torch.channels_last)
@@ -740,8 +740,7 @@ def train_with_retry(
             return result
         except torch.OutOfMemoryError as e:
             _, bs = cfg.resolved(train_size)
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
-            retries.append({"batch_size": bs, "error": first_line})
+            retries.append({"batch_size": bs, "error": first_line(e) or "out of memory"})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if bs <= 1:
@@ -750,7 +749,7 @@ def train_with_retry(
                     f"{cfg.model}: out of memory at every batch size tried ({tried}); use a "
                     f"smaller model or input, or a device with more memory"
                 ) from None
-            log(f"{cfg.model} seed {cfg.seed}: out of memory at batch size {bs} ({first_line}); "
+            log(f"{cfg.model} seed {cfg.seed}: out of memory at batch size {bs} ({retries[-1]['error']}); "
                 f"retrying at {bs // 2}")
             steps, _ = cfg.resolved(train_size)
             smaller = replace(cfg, batch_size=bs // 2)

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from capsbench.errors import ConfigError
+from capsbench.errors import ConfigError, describe
 from capsbench.malloc import keep_freed_memory
 from capsbench.models import create_model
 from capsbench.profiler import _sync, time_fn
@@ -255,7 +255,7 @@ def run_speed(
                 if device.type == "cuda":  # the last configuration's graph and buffers are gone now
                     torch.cuda.empty_cache()
             except Exception as e:  # one variant failing (a capture, a compiler) must not lose the rest
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                msg = describe(e)
                 log(f"{variant} batch {bs}: {msg}")
                 rows.append({"model": model_name, "variant": variant, "batch_size": bs, "error": msg})
                 if device.type == "cuda":

@@ -98,3 +98,10 @@ def test_empty_lists_and_gpu_only_variants_stop_before_any_work(tmp_path, capsys
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "o" / "speed-cpu" / "results.csv").exists()
+
+
+def test_describe_gives_one_line_even_for_an_empty_message():
+    from capsbench.errors import describe, first_line
+
+    assert describe(ValueError("")) == "ValueError" and first_line(ValueError("")) == ""
+    assert describe(RuntimeError("  first\nsecond"), limit=3) == "RuntimeError: fir"
