@@ -292,7 +292,6 @@ def proportion_ci(values: Sequence[float], n: float, level: float = 0.95) -> tup
     the mean over seeds +- t x sqrt(p(1 - p) / n + s^2 / S), test-image sampling (binomial) plus
     seed-to-seed training variance, Welch-Satterthwaite degrees of freedom (the binomial part
     counted as known), clipped to [0, 1]. One seed: the Wilson interval over the images."""
-    from scipy import stats
 
     v = np.asarray(values, dtype=float)
     v = v[~np.isnan(v)]
@@ -301,13 +300,26 @@ def proportion_ci(values: Sequence[float], n: float, level: float = 0.95) -> tup
     if v.size == 1:
         return wilson_interval(float(v[0]), n, level)
     p = float(v.mean())
-    var_img = p * (1 - p) / n
-    var_seed = float(v.var(ddof=1)) / v.size
-    total = var_img + var_seed
-    df = total ** 2 / (var_seed ** 2 / (v.size - 1)) if var_seed > 0 else math.inf
-    q = float(stats.t.ppf(0.5 + level / 2, df)) if math.isfinite(df) else float(stats.norm.ppf(0.5 + level / 2))
-    half = q * math.sqrt(total)
+    se, df = welch_se(p * (1 - p) / n, [float(v.var(ddof=1)) / v.size], v.size)
+    half = _t_quantile(df, level) * se
     return max(0.0, p - half), min(1.0, p + half)
+
+
+def welch_se(var_known: float, seed_vars: Sequence[float], n_seeds: int) -> tuple[float, float]:
+    """Standard error and Welch-Satterthwaite degrees of freedom of an estimate whose variance is
+    ``var_known`` (test-image sampling, counted as known: infinite degrees of freedom) plus the
+    ``seed_vars`` (each a variance of a mean over ``n_seeds`` seeds, n_seeds - 1 degrees of
+    freedom). df is infinite when the seed parts are all 0."""
+    total = var_known + sum(seed_vars)
+    denom = sum(x * x for x in seed_vars) / (n_seeds - 1) if n_seeds > 1 else 0.0
+    return math.sqrt(total), (total * total / denom if denom > 0 else math.inf)
+
+
+def _t_quantile(df: float, level: float = 0.95) -> float:
+    """The two-sided ``level`` quantile of Student's t with ``df`` degrees of freedom (normal for inf)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + level / 2, df) if math.isfinite(df) else stats.norm.ppf(0.5 + level / 2))
 
 
 def wilson_interval(p: float, n: float, level: float = 0.95) -> tuple[float, float]:
@@ -574,26 +586,22 @@ def compare_paired(a_ok: Sequence[np.ndarray], b_ok: Sequence[np.ndarray], seeds
     var_img = float(np.var(boot, ddof=1)) if boot is not None and boot.size > 1 else 0.0
     by_seed = sorted(set(seeds))
     s_count = len(by_seed)
-    var_seed = df = float("nan")
+    parts = []  # training variance of each model's mean over seeds (none with one seed)
     if s_count >= 2:
-        parts = []
         for outcomes in (a, b):
             means = [np.concatenate([o for o, s in zip(outcomes, seeds, strict=True) if s == k]).mean() for k in by_seed]
             parts.append(float(np.var(means, ddof=1)) / s_count)
-        var_seed = sum(parts)
-        denom = sum(p * p for p in parts) / (s_count - 1)
-        df = (var_img + var_seed) ** 2 / denom if denom > 0 else math.inf
-    se = math.sqrt(var_img + (var_seed if s_count >= 2 else 0.0))
-    q = float(stats.t.ppf(0.5 + level / 2, df)) if s_count >= 2 and math.isfinite(df) else float(stats.norm.ppf(0.5 + level / 2))
-    lo, hi = diff - q * se, diff + q * se
+    se, df = welch_se(var_img, parts, s_count)
+    half = _t_quantile(df, level) * se
+    lo, hi = diff - half, diff + half
     if se > 0:
         z = abs(diff) / se
-        p = float(2 * (stats.t.sf(z, df) if s_count >= 2 and math.isfinite(df) else stats.norm.sf(z)))
+        p = float(2 * (stats.t.sf(z, df) if math.isfinite(df) else stats.norm.sf(z)))
     else:
         p = 1.0 if diff == 0 else 0.0
     return {**empty, "difference": diff, "ci_low": lo, "ci_high": hi, "se_images": math.sqrt(var_img),
-            "se_seeds": math.sqrt(var_seed) if s_count >= 2 else float("nan"), "df": df, "p_value": p,
-            "verdict": verdict_word(lo, hi, s_count, direction)}
+            "se_seeds": math.sqrt(sum(parts)) if parts else float("nan"), "df": df if parts else float("nan"),
+            "p_value": p, "verdict": verdict_word(lo, hi, s_count, direction)}
 
 
 def evaluate_claim(claim: Claim, runs: Sequence[Run]) -> list[Verdict]:
