@@ -7,15 +7,20 @@ documented stand-in, labelled ``eval_data=affnist_synth`` everywhere: for each o
 and each MNIST test digit, a random affine (rotation within +-20 deg, x-shear within +-0.2,
 scale 0.8-1.2 on each axis independently) followed by a translation that keeps the digit's
 ink inside the canvas (``transforms.affnist_like``). Draw t uses a generator seeded by
-(seed, t), and image k of the set is draw ``k // 10000`` of test digit ``k % 10000``, so the
-first 10,000 images already cover every digit once. Each draw is cached as a uint8 tensor
-under ``<out>/cache/affnist_synth/<hash of the parameters>/``.
+(seed, t), and image k of the set is draw ``k // 10000`` of test digit ``k % 10000``. Each draw
+is cached as a uint8 tensor under ``<out>/cache/affnist_synth/<hash of the parameters>/``.
+
+A profile that scores fewer images than the whole set scores a seeded, class-stratified random
+sample (``capsbench.splits``): of the real set's 320,000 images; of the generated set, draw 0 of
+the run's sampled test digits (each digit under its own random transform, so a random sample of
+the generated distribution, at the cost of one draw instead of 32).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +28,10 @@ import torch
 
 from capsbench import transforms as T
 from capsbench.data import ensure_dataset, load_affnist_test
+from capsbench.splits import EVAL_SUBSET_SEED, eval_subset
+from capsbench.splits import describe as describe_split
 from capsbench.store import atomic_torch_save, stable_hash
-from capsbench.suites import SUITES, Cell, Suite, _identity
+from capsbench.suites import PAPER_CLAIM_MODELS, SUITES, Cell, Suite, _identity
 
 log = logging.getLogger(__name__)
 
@@ -55,55 +62,65 @@ def _synth_draw(test_u8: torch.Tensor, t: int, params: dict[str, Any]) -> torch.
 
 def synthetic_affnist(
     n: int | None, cache_dir: str | os.PathLike | None, root: str | os.PathLike | None = None,
-    params: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None, indices: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """The first ``n`` images of the generated set (all 320,000 when n is None).
+    """The generated set: all 320,000 images when ``n`` and ``indices`` are None; else draw 0 of
+    the test digits at ``indices`` (default: the evaluation sample of ``n``, :func:`eval_subset`).
 
     Returns uint8 images (n, 40, 40), labels (n,) and a provenance dict.
     """
     params = dict(params or SYNTH_PARAMS)
     test = ensure_dataset("mnist", root=root, split="test")
     per_draw = test.images.shape[0]
-    total = per_draw * params["draws"]
-    n = total if n is None else min(n, total)
     key = stable_hash(params, 16)
     folder = Path(cache_dir) / "affnist_synth" / key if cache_dir is not None else None
-    chunks = []
-    for t in range(-(-n // per_draw)):
-        path = folder / f"draw_{t:02d}.pt" if folder is not None else None
-        imgs = None
-        if path is not None and path.exists():
-            try:
-                imgs = torch.load(path, weights_only=True)
-            except Exception:
-                imgs = None  # a damaged cache file is regenerated
-        if imgs is None:
-            imgs = _synth_draw(test.images, t, params)
-            if path is not None:
-                atomic_torch_save(imgs, path)
-        chunks.append(imgs)
-    images = torch.cat(chunks)[:n]
-    labels = test.labels.repeat(len(chunks))[:n]
-    return images, labels, {"eval_data": "affnist_synth", "params": params, "key": key, "n": n}
+    if indices is None and n is not None:
+        sample = eval_subset(test.labels, n)
+        indices = None if sample is None else sample.tolist()
+    if indices is not None:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        images = _cached_draw(test.images, 0, params, folder)[idx]
+        return images, test.labels[idx], {"eval_data": "affnist_synth", "params": params, "key": key,
+                                          "n": int(idx.numel()), "draw": 0, "digits": "the run's evaluation sample"}
+    chunks = [_cached_draw(test.images, t, params, folder) for t in range(params["draws"])]
+    images = torch.cat(chunks)
+    labels = test.labels.repeat(len(chunks))
+    return images, labels, {"eval_data": "affnist_synth", "params": params, "key": key, "n": per_draw * len(chunks)}
+
+
+def _cached_draw(test_u8: torch.Tensor, t: int, params: dict[str, Any], folder: Path | None) -> torch.Tensor:
+    path = folder / f"draw_{t:02d}.pt" if folder is not None else None
+    if path is not None and path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:
+            pass  # a damaged cache file is regenerated
+    imgs = _synth_draw(test_u8, t, params)
+    if path is not None:
+        atomic_torch_save(imgs, path)
+    return imgs
 
 
 def affnist_test(
-    n: int | None, cache_dir: str | os.PathLike | None, root: str | os.PathLike | None = None
+    n: int | None, cache_dir: str | os.PathLike | None, root: str | os.PathLike | None = None,
+    indices: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """The real affNIST test set when present under the data root, else the generated one."""
+    """The real affNIST test set when present under the data root, else the generated one; ``n``
+    images as described in the module docstring (``indices``: the run's sampled test digits)."""
     real = load_affnist_test(root)
     if real is not None:
         images, labels, files = real
-        if n is not None and n < images.shape[0]:
-            # a spread-out subset: the real files are ordered by transform draw
-            idx = torch.linspace(0, images.shape[0] - 1, n).round().long()
-            images, labels = images[idx], labels[idx]
-        return images, labels, {"eval_data": "affnist", "files": files, "n": int(images.shape[0])}
-    return synthetic_affnist(n, cache_dir, root)
+        prov: dict[str, Any] = {"eval_data": "affnist", "files": files}
+        sample = eval_subset(labels, n)
+        if sample is not None:
+            images, labels = images[sample], labels[sample]
+            prov["sample"] = describe_split(sample, int(real[1].numel()), EVAL_SUBSET_SEED, "evaluation")
+        return images, labels, {**prov, "n": int(images.shape[0])}
+    return synthetic_affnist(n, cache_dir, root, indices=indices)
 
 
 def _affnist_source(ctx: dict[str, Any]):
-    images, labels, prov = affnist_test(ctx["n"], ctx["cache_dir"], ctx["root"])
+    images, labels, prov = affnist_test(ctx["n"], ctx["cache_dir"], ctx["root"], ctx.get("indices"))
     return T.as_float_batch(images), labels, prov["eval_data"]
 
 
@@ -123,5 +140,6 @@ SUITES.add(
         ),
         claim="affNIST: CapsNet generalises better than the CNN at matched clean accuracy "
         "(paper: 79% vs 66% at 99.22-99.23% expanded-MNIST accuracy)",
+        claim_models=PAPER_CLAIM_MODELS,
     ),
 )

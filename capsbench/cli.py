@@ -330,11 +330,6 @@ def _preflight(args: argparse.Namespace) -> None:
         models = _model_list(getattr(args, "models", None)) or list(suite.default_models)
         _check_models(models)
         match = getattr(args, "match_accuracy", None)
-        if match is not None and not 0 < match <= 1:
-            raise ConfigError(
-                f"--match-accuracy is a fraction of the test set, in (0, 1]; got {match:g} "
-                f"(for {match:g}% pass {match / 100:g})"
-            )
         for model in models:
             TrainConfig(model=model, dataset=suite.dataset, protocol=suite.protocol,
                         profile=profile.name, match_accuracy=match).validate()

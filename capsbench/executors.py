@@ -53,6 +53,8 @@ class RunContext:
     data_root: str | None
     device: str
     n_eval: int
+    # the test images every cell scores (capsbench.splits.eval_subset); None: all of them
+    eval_indices: list[int] | None = None
     deterministic: bool = False
     threads: int | None = None
     progress: bool = False
@@ -74,6 +76,8 @@ def job_meta(result: Any) -> dict[str, Any]:
         "images_per_s": result.images_per_s,
         "stopped_early_at": result.stopped_early_at,
         "match_accuracy": cfg.match_accuracy,
+        "match_val_accuracy": result.match_val_accuracy,
+        "split": result.split,
         "reused": result.reused,
         "params": count_parameters(result.model),
         "oom_retries": list(result.oom_retries),
@@ -99,7 +103,10 @@ def _test_inputs(ctx: RunContext, dataset: str) -> tuple[torch.Tensor, torch.Ten
     from capsbench.runner import to_float
 
     test = ensure_dataset(dataset, root=ctx.data_root, split="test", download=False)
-    return to_float(test.images[: ctx.n_eval]), test.labels[: ctx.n_eval]
+    if ctx.eval_indices is None:
+        return to_float(test.images), test.labels
+    idx = torch.as_tensor(ctx.eval_indices, dtype=torch.long)
+    return to_float(test.images[idx]), test.labels[idx]
 
 
 def train_job(ctx: RunContext, cfg: Any, log: Callable[[str], None] = print) -> tuple[Any | None, dict | str]:
@@ -130,7 +137,8 @@ def evaluate_job_cells(
     x_clean, y = _test_inputs(ctx, suite.dataset)
     by_name = {c.name: c for c in suite.cells}
     base = {k: v for k, v in spec.base.items() if not k.startswith("_")}
-    eval_ctx = {"n": ctx.n_eval, "cache_dir": Path(ctx.out) / "cache", "root": ctx.data_root}
+    eval_ctx = {"n": ctx.n_eval, "indices": ctx.eval_indices, "cache_dir": Path(ctx.out) / "cache",
+                "root": ctx.data_root}
     return evaluate_cells(suite, result, [by_name[c] for c in cells], x_clean, y, Path(ctx.run_dir), base,
                           dev, log, eval_ctx, persist)
 

@@ -30,6 +30,8 @@ from capsbench.malloc import keep_freed_memory
 from capsbench.models import count_parameters, create_model
 from capsbench.profiles import get_profile
 from capsbench.registry import Registry
+from capsbench.splits import SPLIT_VERSION, VALIDATION_SEED, VALIDATION_SIZE, eval_subset, validation_split
+from capsbench.splits import describe as describe_split
 from capsbench.store import atomic_torch_save, environment_info, read_json, stable_hash, write_json
 
 # --------------------------------------------------------------------------- protocols
@@ -106,8 +108,8 @@ class TrainConfig:
     lr_decay: float = 0.96
     lr_decay_steps: int = 2000
     amp: str | None = None  # "bf16" (CUDA only)
-    match_accuracy: float | None = None
-    match_eval_every: int = 50
+    match_accuracy: float | None = None  # stop when validation accuracy reaches this
+    match_eval_every: int = 50  # validation checks; every fifth of this once within NEAR_TARGET
     train_limit: int | None = None  # train on the first N training images only
     model_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -128,8 +130,10 @@ class TrainConfig:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.amp not in (None, "bf16"):
             raise ConfigError(f"amp must be 'bf16' or unset, got {self.amp!r}")
-        if self.match_accuracy is not None and not 0 < self.match_accuracy <= 1:
-            raise ConfigError(f"--match-accuracy must be in (0, 1], got {self.match_accuracy}")
+        if self.match_accuracy is not None:
+            check_match_target(self.match_accuracy)
+        if self.match_eval_every < 1:
+            raise ConfigError(f"match_eval_every must be >= 1, got {self.match_eval_every}")
         PROTOCOLS.get(self.protocol)
         get_profile(self.profile)
         return self
@@ -156,11 +160,46 @@ class TrainConfig:
         profile = get_profile(self.profile)
         recipe = [f"lr_schedule={profile.lr_schedule}"] if profile.lr_schedule != "exp" else []
         recipe += [f"lr={profile.lr_for(self.model):g}"] if self.lr is None else []
+        # trained on the training set minus the validation split (which one is part of the job)
+        recipe += [f"val={VALIDATION_SIZE}:{VALIDATION_SEED}:v{SPLIT_VERSION}"]
+        if self.match_accuracy is not None:  # the stop rule: validation, denser checks near the target
+            recipe += [f"match=val,tol={MATCH_TOLERANCE:g},near={NEAR_TARGET:g}"]
         return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []) + recipe)
 
     @property
     def job_name(self) -> str:
         return f"{self.model}-{self.dataset}-{self.protocol}-{self.profile}-s{self.seed}-{self.key}"
+
+
+# --------------------------------------------------------------------------- matched accuracy
+
+# A model is "at the matched accuracy" when its validation accuracy at the stop lies in
+# [target, target + MATCH_TOLERANCE]. Within NEAR_TARGET below the target, validation is checked
+# five times as often, so that a stop does not overshoot by more than a few updates' gain.
+MATCH_TOLERANCE = 0.001  # 0.1 percentage point
+NEAR_TARGET = 0.01
+# The validation split must resolve the tolerance: at least this many accuracy steps (1 / n) in it.
+MATCH_STEPS_IN_TOLERANCE = 5
+
+
+def check_match_target(target: float, n_val: int = VALIDATION_SIZE, tolerance: float = MATCH_TOLERANCE) -> None:
+    """Refuse a ``--match-accuracy`` outside (0, 1), or one the validation split cannot resolve."""
+    if not isinstance(target, (int, float)) or not 0 < target < 1:
+        hint = f" (for {target:g}% pass {target / 100:g})" if isinstance(target, (int, float)) and 1 < target < 100 else ""
+        raise ConfigError(f"--match-accuracy is a fraction of the validation digits, in (0, 1); got {target!r}{hint}")
+    if 1 / n_val > tolerance / MATCH_STEPS_IN_TOLERANCE:
+        raise ConfigError(
+            f"--match-accuracy {target:g}: the validation split ({n_val} images, accuracy steps of "
+            f"{100 / n_val:.3g} points) is too small to resolve the matching tolerance of {100 * tolerance:g} "
+            f"point(s); it needs at least {math.ceil(MATCH_STEPS_IN_TOLERANCE / tolerance)} images")
+
+
+def matched(target: float | None, val_accuracy: float | None, stopped_at: int | None,
+            tolerance: float = MATCH_TOLERANCE) -> bool:
+    """Whether a job stopped at the matched accuracy: it reached the target and did not overshoot."""
+    if target is None or val_accuracy is None or not stopped_at:
+        return False
+    return target <= val_accuracy <= target + tolerance
 
 
 # --------------------------------------------------------------------------- helpers
@@ -285,6 +324,9 @@ class TrainResult:
     # CUDA out-of-memory retries: [{"batch_size": tried, "error": message}, ...]; when not
     # empty, ``config`` is the configuration that finally trained (a smaller batch size).
     oom_retries: list[dict[str, Any]] = field(default_factory=list)
+    # with --match-accuracy: the validation accuracy at the stop (or at the end of the budget)
+    match_val_accuracy: float | None = None
+    split: dict[str, Any] = field(default_factory=dict)  # training / validation images (job.json)
 
 
 @dataclass(frozen=True)
@@ -297,8 +339,9 @@ class SpeedOptions:
     cuda_graph: capture the whole step (forward, loss, backward, Adam) once as a CUDA graph
         and replay it (CUDA only): no launch overhead, no host synchronisation in the step.
     compile: ``torch.compile`` the model (CUDA only here; compiling takes a while).
-    curve: evaluate the clean test set at the end of every epoch and keep the accuracy in the
-        job's history (the learning curve; costs one test-set pass per epoch).
+    curve: evaluate the validation split (clean, as the protocol's clean cell) at the end of every
+        epoch and keep the accuracy in the job's history (the learning curve; costs one pass over
+        the validation images per epoch; test images are for scoring cells only).
     """
 
     channels_last: bool | None = None
@@ -505,13 +548,15 @@ def _train_locked(
                 reused.data_checksums = sums
                 return reused
 
-    images, labels = train_set.images, train_set.labels
+    train_idx, val_idx = validation_split(train_set.labels)
     if cfg.train_limit is not None:
-        images, labels = images[: cfg.train_limit], labels[: cfg.train_limit]
+        train_idx = train_idx[: cfg.train_limit]
+    images, labels = train_set.images[train_idx], train_set.labels[train_idx]
     n = images.shape[0]
+    split = job_split(train_set.labels.numel(), train_idx, val_idx, cfg.train_limit)
     total_steps, bs = cfg.resolved(n)
     # With --match-accuracy the profile's budget is an upper bound: training stops the first
-    # time the target is reached; a model that never reaches it is recorded as such.
+    # time validation accuracy reaches the target; a model that never reaches it is recorded as such.
     steps_per_epoch = math.ceil(n / bs)
 
     lr = cfg.lr if cfg.lr is not None else profile.lr_for(cfg.model)
@@ -544,15 +589,15 @@ def _train_locked(
     images = images.to(dev)  # uint8, resident on the device
     labels = labels.to(dev)
     match_x = match_y = curve_x = curve_y = None
+    val_images, val_labels = train_set.images[val_idx], train_set.labels[val_idx]
     if cfg.match_accuracy is not None:
-        test = ensure_dataset(cfg.dataset, root=data_root, split="test")
-        n_match = profile.eval_images or test.images.shape[0]
-        g = _generator(cfg.seed, 7919)
-        match_x = proto.augment(to_float(test.images[:n_match]), g)
-        match_y = test.labels[:n_match]
-    if speed.curve:  # the clean test cell of this protocol, whole test set
-        test = ensure_dataset(cfg.dataset, root=data_root, split="test")
-        curve_x, curve_y = proto.clean(to_float(test.images)), test.labels
+        # validation digits placed as the protocol trains them, the same placement for every
+        # model and seed (so two models are matched on the same inputs)
+        match_x, match_y = proto.augment(to_float(val_images), _generator(7919)), val_labels
+    if speed.curve:  # validation digits as the protocol's clean cell shows test digits
+        curve_x, curve_y = proto.clean(to_float(val_images)), val_labels
+    match_acc = None
+    next_check = cfg.match_eval_every
 
     def save(finished: bool) -> None:
         atomic_torch_save(
@@ -629,18 +674,20 @@ def _train_locked(
             run_loss = run_acc = 0.0
             logged = seen_since = 0
             t_mark = time.perf_counter()
-        if match_x is not None and step % cfg.match_eval_every == 0:
-            acc = accuracy(predict(model, match_x, device=dev, amp=cfg.amp)[0], match_y)
-            history.append({"step": step, "match_acc": acc})
+        if match_x is not None and (step >= next_check or step == total_steps):
+            match_acc = accuracy(predict(model, match_x, device=dev, amp=cfg.amp)[0], match_y)
+            history.append({"step": step, "match_val_acc": match_acc})
             t_mark = time.perf_counter()
-            if acc >= cfg.match_accuracy:
+            if match_acc >= cfg.match_accuracy:
                 stopped = step
-                log(f"{cfg.model}: reached {acc:.4f} >= {cfg.match_accuracy} at step {step}")
+                log(f"{cfg.model}: validation accuracy {match_acc:.4f} >= {cfg.match_accuracy} at step {step}")
                 break
+            near = match_acc >= cfg.match_accuracy - NEAR_TARGET
+            next_check = step + (max(1, cfg.match_eval_every // 5) if near else cfg.match_eval_every)
         if curve_x is not None and step % steps_per_epoch == 0:
             acc = accuracy(predict(model, curve_x, device=dev, amp=cfg.amp)[0], curve_y)
-            history.append({"step": step, "epoch": step / steps_per_epoch, "test_acc": acc})
-            log(f"{cfg.model}: epoch {step / steps_per_epoch:g} step {step}: test accuracy {acc:.4f}")
+            history.append({"step": step, "epoch": step / steps_per_epoch, "val_acc": acc})
+            log(f"{cfg.model}: epoch {step / steps_per_epoch:g} step {step}: validation accuracy {acc:.4f}")
             t_mark = time.perf_counter()
         epoch_end = step % steps_per_epoch == 0 and time.perf_counter() - last_save >= MIN_SAVE_INTERVAL_S
         if step % profile.checkpoint_every == 0 or epoch_end:
@@ -664,6 +711,10 @@ def _train_locked(
             "train_time_s": elapsed,
             "images_per_s": ips_total,
             "stopped_early_at": stopped,
+            "match_accuracy": cfg.match_accuracy,
+            "match_tolerance": MATCH_TOLERANCE if cfg.match_accuracy is not None else None,
+            "match_val_accuracy": match_acc,
+            "split": split,
             "history": history,
             "params": count_parameters(model),
             "device": str(dev),
@@ -672,7 +723,18 @@ def _train_locked(
             "data_checksums": sums,
         },
     )
-    return TrainResult(cfg, model, job_dir, step, elapsed, ips_total, False, stopped, history, sums)
+    return TrainResult(cfg, model, job_dir, step, elapsed, ips_total, False, stopped, history, sums,
+                       match_val_accuracy=match_acc, split=split)
+
+
+def job_split(total: int, train_idx: torch.Tensor, val_idx: torch.Tensor, train_limit: int | None) -> dict[str, Any]:
+    """job.json's record of which training-set images trained the job and which validated it."""
+    return {
+        "train_images": int(train_idx.numel()),
+        "train_rule": "the training set minus the validation split, in file order"
+                      + (f", first {train_limit}" if train_limit is not None else ""),
+        "validation": describe_split(val_idx, total, VALIDATION_SEED, "validation"),
+    }
 
 
 def _job_meta(path: Path) -> dict[str, Any] | None:
@@ -710,6 +772,7 @@ def load_finished(
     return TrainResult(
         cfg, model, job_dir, meta["steps_done"], meta["train_time_s"], meta["images_per_s"], True,
         meta.get("stopped_early_at"), meta.get("history", []), meta.get("data_checksums", {}),
+        match_val_accuracy=meta.get("match_val_accuracy"), split=meta.get("split") or {},
     )
 
 
@@ -764,13 +827,16 @@ def evaluate_clean(
     limit: int | None = None,
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
-    """Accuracy and mean true-class confidence on the clean test set (as trained: 28 or 40)."""
+    """Accuracy and mean true-class confidence on the clean test set (as trained: 28 or 40): the
+    clean cell, scored on all test images or, with ``limit``, on the seeded class-stratified
+    sample of that many (:func:`capsbench.splits.eval_subset`)."""
     cfg = result.config
     proto = PROTOCOLS.get(cfg.protocol)
     test = ensure_dataset(cfg.dataset, root=data_root, split="test")
     imgs, labels = test.images, test.labels
-    if limit is not None:
-        imgs, labels = imgs[:limit], labels[:limit]
+    idx = eval_subset(labels, limit)
+    if idx is not None:
+        imgs, labels = imgs[idx], labels[idx]
     x = proto.clean(to_float(imgs))
     dev = resolve_device(device) if device is not None else next(result.model.parameters()).device
     scores, conf = predict(result.model, x, device=dev, amp=cfg.amp)

@@ -63,10 +63,13 @@ def add_commands(sub, add_common) -> None:
     p = sub.add_parser("run", help="run a robustness suite: train what it needs, evaluate every cell")
     p.add_argument("--suite", required=True, help="suite name (capsbench list suites)")
     p.add_argument("--models", default=None, help="comma-separated model names (default: the suite's)")
-    p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
+    p.add_argument("--seeds", type=_positive_int, default=None,
+                   help="seeds 0..N-1 of every model (default: 3 of the two models the suite's claim compares, "
+                        "capsnet and cnn_maxpool, so that the claim gets a verdict; 1 of the others)")
     p.add_argument("--profile", default="quick", help="smoke, quick (CPU default) or paper")
     p.add_argument("--match-accuracy", type=_positive_float, default=None,
-                   help="stop each model's training when its clean (expanded) test accuracy reaches this")
+                   help="stop each model's training when its accuracy on the validation split (training digits "
+                        "held out, placed as in training) reaches this fraction, e.g. 0.992")
     p.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="local: this process (default); ray: each training job and evaluation batch as a Ray task")
     p.add_argument("--ray-address", default=None,

@@ -45,6 +45,8 @@ from capsbench.locks import DirLock, remove_partial_files
 from capsbench.models import list_models
 from capsbench.profiles import get_profile
 from capsbench.runner import (
+    MATCH_TOLERANCE,
+    NEAR_TARGET,
     PROTOCOLS,
     SpeedOptions,
     TrainConfig,
@@ -55,6 +57,8 @@ from capsbench.runner import (
     resolve_device,
     set_deterministic,
 )
+from capsbench.splits import EVAL_SUBSET_SEED, VALIDATION_SEED, eval_subset, validation_split
+from capsbench.splits import describe as describe_split
 from capsbench.store import (
     TEXT_COLUMNS,
     atomic_torch_save,
@@ -70,7 +74,7 @@ from capsbench.suites import Suite, cell_generator, get_suite
 REQUIRED_COLUMNS = ("model", "seed", "cell", "metric", "n", "job_key")
 # Metrics whose value is NaN in a good row (error rows aside): a job that never reached
 # --match-accuracy has no step at which it did.
-NAN_METRICS = ("matched_at_step",)
+NAN_METRICS = ("matched_at_step", "match_val_accuracy")
 # The rows every trained job has in the "train" cell (see _train_rows).
 TRAIN_METRICS = ("params", "train_steps", "train_time_s")
 
@@ -128,7 +132,7 @@ def _load_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
 def run_suite(
     suite_name: str,
     models: Sequence[str] | None = None,
-    seeds: int = 1,
+    seeds: int | None = None,
     profile: str = "quick",
     device: str = "auto",
     out: str | os.PathLike = "runs",
@@ -147,6 +151,8 @@ def run_suite(
 ) -> Path:
     """Run a suite end to end and return its run directory (see the module docstring).
 
+    ``seeds``: seeds 0..N-1 of every model; None: the suite's claim models 3, the others 1
+    (:meth:`capsbench.suites.Suite.seeds_for`).
     ``executor``: ``local`` (this process) or ``ray`` (see :mod:`capsbench.executors`).
     ``deterministic``: reproducible kernels (:func:`capsbench.runner.set_deterministic`).
     ``lr``: learning rate for every model, or per model name (others keep the profile's).
@@ -161,7 +167,7 @@ def run_suite(
     unknown = [m for m in models if m not in known]
     if unknown:
         raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known models: {', '.join(known)}")
-    if seeds < 1:
+    if seeds is not None and seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
@@ -177,9 +183,19 @@ def run_suite(
     # Data next (fetching it when online), so a missing or damaged file stops before any work;
     # a real affNIST file present under the root must be readable too.
     test = ensure_dataset(suite.dataset, root=data_root, split="test")
-    ensure_dataset(suite.dataset, root=data_root, split="train")
+    train_labels = ensure_dataset(suite.dataset, root=data_root, split="train").labels
+    _, val_idx = validation_split(train_labels)  # a training set too small to split stops here
+    real_affnist = None
     if any(c.eval_data == "affnist" for c in suite.cells):
-        load_affnist_test(data_root)
+        real_affnist = load_affnist_test(data_root)
+    splits = {
+        "validation": describe_split(val_idx, int(train_labels.numel()), VALIDATION_SEED, "validation"),
+        "evaluation": describe_split(eval_subset(test.labels, prof.eval_images), int(test.labels.numel()),
+                                     EVAL_SUBSET_SEED, "evaluation", with_indices=True),
+    }
+    if real_affnist is not None:
+        sample = eval_subset(real_affnist[1], prof.eval_images)
+        splits["affnist"] = describe_split(sample, int(real_affnist[1].numel()), EVAL_SUBSET_SEED, "evaluation")
     out = ensure_writable_dir(out)
     run_dir = ensure_writable_dir(out / f"{suite.name}-{prof.name}")
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -188,7 +204,7 @@ def run_suite(
         if removed:
             log(f"removed {len(removed)} partial file(s) left by an interrupted run in {run_dir}")
         try:
-            return _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, match_accuracy,
+            return _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root, match_accuracy,
                                progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs,
                                amp, speed)
         finally:
@@ -196,12 +212,18 @@ def run_suite(
                 set_deterministic(False)
 
 
-def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, match_accuracy,
+def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root, match_accuracy,
                 progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs,
                 amp, speed) -> Path:
     sums = data_checksums(suite.dataset, root=data_root)
     data_tag = stable_hash(sums, 16)
-    n_eval = min(prof.eval_images or test.images.shape[0], test.images.shape[0])
+    evaluation = splits["evaluation"]
+    n_eval = evaluation["n"]
+
+    def eval_data(cell) -> str:  # run.json names the affNIST set this run scores
+        if cell.eval_data == "affnist" and "affnist" not in splits:
+            return "affnist_synth"
+        return cell.eval_data
     flags = set_deterministic(True) if deterministic else determinism_flags()
     env = environment_info(dev)
 
@@ -213,8 +235,9 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
     previous = _read_run_json(run_dir, log)
 
     planned: list[tuple[TrainConfig, dict[str, Any]]] = []
+    seeds_of = {m: suite.seeds_for(m, seeds) for m in models}
     for model_name in models:
-        for seed in range(seeds):
+        for seed in range(seeds_of[model_name]):
             cfg = TrainConfig(
                 model=model_name,
                 dataset=suite.dataset,
@@ -239,7 +262,7 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
             }
             planned.append((cfg, base))
     # Before anything is written: a folder holds one configuration (its jobs would mix).
-    _check_same_settings(run_dir, previous, suite, prof, n_eval, match_accuracy, amp, lrs, models)
+    _check_same_settings(run_dir, previous, suite, prof, evaluation, match_accuracy, amp, lrs, models)
     _check_same_jobs(run_dir, loaded, planned)
     if dropped:  # the damaged rows go now, even when nothing is left to do
         write_rows_csv(results_path, _with_direction_means(suite, loaded))
@@ -248,7 +271,8 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
     metrics: dict[tuple[str, str], set[str]] = {}
     for r in rows:
         metrics.setdefault((r["job_key"], r["cell"]), set()).add(r["metric"])
-    train_metrics = set(TRAIN_METRICS) | ({"matched_at_step"} if match_accuracy is not None else set())
+    train_metrics = set(TRAIN_METRICS) | ({"matched_at_step", "match_val_accuracy"} if match_accuracy is not None
+                                          else set())
 
     # run.json keeps the record of earlier runs into this folder: models, seeds, jobs, commands
     jobs: dict[str, dict[str, Any]] = {}
@@ -257,13 +281,17 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
             jobs[str(job.get("job_key") or f"#{i}")] = job
     all_models = list(dict.fromkeys([*(previous.get("models") or []), *models]))
     seen_seeds = [int(r["seed"]) + 1 for r in loaded]
-    all_seeds = max([seeds, *seen_seeds, *([previous["seeds"]] if isinstance(previous.get("seeds"), int) else [])])
+    all_seeds = max([*seeds_of.values(), *seen_seeds,
+                     *([previous["seeds"]] if isinstance(previous.get("seeds"), int) else [])])
+    seeds_per_model = dict(previous.get("seeds_per_model") or {})
+    for m, k in seeds_of.items():
+        seeds_per_model[m] = max(k, int(seeds_per_model.get(m, 0)))
     commands = list(previous.get("commands") or [])
     if previous and not commands:  # written before run.json kept a history
         commands.append({"command": previous.get("command"), "time": None, "models": previous.get("models"),
                          "seeds": previous.get("seeds")})
     commands.append({"command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": models,
-                     "seeds": seeds, "device": str(dev)})
+                     "seeds": seeds_of, "device": str(dev)})
 
     def add_job(key: str, entry: dict[str, Any]) -> None:  # key: the planned job's (as in the rows)
         jobs[key] = _merged_job(jobs.get(key), entry)
@@ -275,14 +303,26 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
                 "status": status,
                 "command": command,
                 "commands": commands,
-                "suite": suite.describe(),
+                "suite": suite.describe(eval_data),
                 "models": all_models,
                 "seeds": all_seeds,
+                "seeds_per_model": seeds_per_model,
                 "profile": asdict(prof),
                 "match_accuracy": match_accuracy,
+                "match_tolerance": MATCH_TOLERANCE if match_accuracy is not None else None,
+                "match_rule": None if match_accuracy is None else (
+                    "training stops at the first validation check whose accuracy reaches the target; "
+                    f"checked every {TrainConfig.match_eval_every} steps, every "
+                    f"{max(1, TrainConfig.match_eval_every // 5)} within {100 * NEAR_TARGET:g} points of it; "
+                    f"matched if the accuracy at the stop is within {100 * MATCH_TOLERANCE:g} point above the target"),
                 "amp": amp,
                 "lr": {**(previous.get("lr") or {}), **lrs},
                 "eval_images_per_cell": n_eval,
+                # which images train, select and score: enough to score any cell again
+                "splits": splits,
+                "train_data_rule": "every job trains on the training set minus the validation split; "
+                                   "anything that selects (--match-accuracy) reads the validation split; "
+                                   "test images are read only to score cells",
                 "device": str(dev),
                 "executor": executor,
                 "deterministic": deterministic,
@@ -310,6 +350,7 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, test, data_root, 
     ctx = RunContext(
         suite=suite.name, out=str(out), run_dir=str(run_dir),
         data_root=str(resolve_data_root(data_root)), device=str(dev), n_eval=n_eval,
+        eval_indices=evaluation.get("indices"),
         deterministic=deterministic, progress=progress,
         speed={**asdict(speed), "curve": False},
     )
@@ -375,14 +416,19 @@ def _refuse(run_dir: Path, what: str) -> ConfigError:
                        f"use another --out, or delete {run_dir} to start afresh")
 
 
-def _check_same_settings(run_dir: Path, previous: Mapping[str, Any], suite: Suite, prof, n_eval: int,
-                         match_accuracy: float | None, amp: str | None, lrs: Mapping[str, float],
-                         models: Sequence[str]) -> None:
+def _check_same_settings(run_dir: Path, previous: Mapping[str, Any], suite: Suite, prof,
+                         evaluation: Mapping[str, Any], match_accuracy: float | None, amp: str | None,
+                         lrs: Mapping[str, float], models: Sequence[str]) -> None:
     """Refuse to run into a folder whose run.json records other job-defining settings."""
     if not previous:
         return
-    now: dict[str, Any] = {"match_accuracy": match_accuracy, "amp": amp, "eval_images_per_cell": n_eval}
+    now: dict[str, Any] = {"match_accuracy": match_accuracy, "amp": amp, "eval_images_per_cell": evaluation["n"]}
     then: dict[str, Any] = {k: previous[k] for k in now if k in previous}
+    # the test images the cells score: a folder from before random subsets scored a prefix
+    old_eval = (previous.get("splits") or {}).get("evaluation") or {}
+    then["evaluation images"] = old_eval.get("sha256", "all images" if old_eval.get("rule") == "all images"
+                                             else "the first images in file order")
+    now["evaluation images"] = evaluation.get("sha256", "all images")
     old_suite = previous.get("suite") or {}
     if "dataset" in old_suite and "protocol" in old_suite:
         then["training data"] = f"{old_suite['dataset']}:{old_suite['protocol']}"
@@ -437,6 +483,10 @@ def _train_rows(meta: dict[str, Any], base: dict[str, Any]) -> list[dict[str, An
     if meta.get("match_accuracy") is not None:
         stop = meta.get("stopped_early_at")
         out.append({**common, "metric": "matched_at_step", "value": float(stop) if stop else float("nan"), "n": 1})
+        acc = meta.get("match_val_accuracy")
+        n_val = ((meta.get("split") or {}).get("validation") or {}).get("n", 0)
+        out.append({**common, "metric": "match_val_accuracy", "value": float("nan") if acc is None else float(acc),
+                    "n": int(n_val)})
     if meta.get("oom_retries"):  # trained at a smaller batch size than planned
         out.append({**common, "metric": "train_batch_size", "value": float(meta["batch_size"]), "n": 1})
         out.append({**common, "metric": "oom_retries", "value": float(len(meta["oom_retries"])), "n": 1})

@@ -19,6 +19,8 @@ from capsbench.registry import Registry
 from capsbench.store import stable_hash
 
 SUITES: Registry = Registry("suite")
+CLAIM_SEEDS = 3
+PAPER_CLAIM_MODELS = ("capsnet", "cnn_maxpool")
 
 # A cell maker gets the clean (N, 1, 28, 28) float test images, their labels and a seeded
 # generator, and returns the inputs the model sees (and the labels, which may be replaced).
@@ -34,7 +36,9 @@ class Cell:
         transform: short transform family name (``rotation``, ``shift``, ...).
         params: grid parameters, written as columns of the result rows.
         make: builds the model inputs from the clean test batch.
-        eval_data: what the inputs are (``mnist_test``, ``affnist``, ``affnist_synth``...).
+        eval_data: what the inputs are (``test``: the suite's test set; ``expanded_mnist_test``,
+            ``mnistc_reimpl_test``, ``affnist``: the real set, replaced by ``affnist_synth`` in
+            rows and run.json when the generated stand-in is scored).
         reference: name of the cell whose predictions count as "unchanged" (part-shuffle).
         source: for cells with their own test data, see below.
     """
@@ -73,6 +77,15 @@ class Suite:
     claim: str = ""
     default_models: tuple[str, ...] = ("capsnet", "lenet5", "cnn_maxpool", "efficientnet_b0")
     extra: dict[str, Any] = field(default_factory=dict)
+    # The two models the suite's claim compares: without --seeds they train CLAIM_SEEDS seeds
+    # (a verdict needs seed-to-seed variance), the other models one.
+    claim_models: tuple[str, ...] = ()
+
+    def seeds_for(self, model: str, seeds: int | None) -> int:
+        """Seeds of ``model`` in a run: ``seeds`` when given, else the default above."""
+        if seeds is not None:
+            return seeds
+        return CLAIM_SEEDS if model in self.claim_models else 1
 
     def cell(self, name: str) -> Cell:
         for c in self.cells:
@@ -80,8 +93,10 @@ class Suite:
                 return c
         raise KeyError(name)
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able description for run.json (cell makers are code, not data)."""
+    def describe(self, eval_data: Callable[[Cell], str] | None = None) -> dict[str, Any]:
+        """A JSON-able description for run.json (cell makers are code, not data); ``eval_data``
+        names what a cell is scored on in this run (default: the cell's own label)."""
+        name = eval_data or (lambda c: c.eval_data)
         return {
             "name": self.name,
             "description": self.description,
@@ -89,7 +104,8 @@ class Suite:
             "protocol": self.protocol,
             "metrics": list(self.metrics),
             "claim": self.claim,
-            "cells": [{"name": c.name, "transform": c.transform, "params": c.params, "eval_data": c.eval_data}
+            "claim_models": list(self.claim_models),
+            "cells": [{"name": c.name, "transform": c.transform, "params": c.params, "eval_data": name(c)}
                       for c in self.cells],
         }
 
@@ -135,6 +151,7 @@ SUITES.add(
         "mnist28_shift2",
         _rotation_cells(),
         claim="orientation: CapsNet is more accurate than the pooling CNN on rotated digits",
+        claim_models=PAPER_CLAIM_MODELS,
     ),
 )
 SUITES.add(
@@ -207,6 +224,7 @@ SUITES.add(
         _part_shuffle_cells(),
         metrics=("accuracy", "confidence", "unchanged"),
         claim="pooling: the pooling CNN keeps its prediction on shuffled parts more often than CapsNet",
+        claim_models=PAPER_CLAIM_MODELS,
     ),
 )
 
@@ -220,7 +238,7 @@ def _mnistc_cells() -> tuple[Cell, ...]:
         short = name.replace("mnistc_", "")
         cells.append(
             Cell(short, short, {"severity": sev}, lambda x, y, g, fn=fn, sev=sev: fn(x, sev, g),
-                 eval_data="mnistc_test")
+                 eval_data="mnistc_reimpl_test")
         )
     return tuple(cells)
 
@@ -229,7 +247,9 @@ SUITES.add(
     "mnistc_affine",
     Suite(
         "mnistc_affine",
-        "MNIST-C's affine corruptions (scale, shear, rotate, translate) at its published severities",
+        "our re-implementation of MNIST-C's affine corruptions (scale, shear, rotate, translate) at its "
+        "published severities, applied to the MNIST test digits (eval_data mnistc_reimpl_test; not the "
+        "MNIST-C files)",
         "mnist",
         "mnist28_shift2",
         _mnistc_cells(),

@@ -232,3 +232,14 @@ def test_a_job_key_that_looks_like_a_number_is_found_again(tmp_path, data_root, 
     assert any("all 5 cells already evaluated" in m for m in logs), logs
     assert (run_dir / "results.csv").read_bytes() == before
     assert set(pd.read_csv(run_dir / "results.csv", dtype={"job_key": str}).job_key) == {key}
+
+
+def test_a_folder_from_before_random_evaluation_subsets_is_refused(tmp_path, data_root):
+    # Such a folder scored the first test images in file order and trained on all 60,000 digits:
+    # its rows must not be mixed with a run that scores a random sample.
+    run_dir = _run(tmp_path, data_root)
+    meta = json.loads((run_dir / "run.json").read_text())
+    del meta["splits"]
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="evaluation images: the first images in file order there"):
+        _run(tmp_path, data_root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -78,14 +79,37 @@ def test_invalid_config_is_rejected(kw, match):
         TrainConfig(model="lenet5", **kw).validate()
 
 
-def test_match_accuracy_stops_at_the_target_and_records_the_step(data_root, tmp_path):
+def test_match_accuracy_stops_on_validation_and_checks_densely_near_the_target(data_root, tmp_path):
     cfg = TrainConfig(model="lenet5", steps=400, batch_size=32, train_limit=2000, profile="smoke",
                       match_accuracy=0.6, match_eval_every=20)
     res = train(cfg, out=tmp_path, data_root=data_root, device="cpu", progress=False)
     assert res.stopped_early_at is not None and res.stopped_early_at < 400
-    assert res.steps_done == res.stopped_early_at and res.stopped_early_at % 20 == 0
-    accs = [h["match_acc"] for h in res.history if "match_acc" in h]
+    assert res.steps_done == res.stopped_early_at
+    checks = [(h["step"], h["match_val_acc"]) for h in res.history if "match_val_acc" in h]
+    accs = [a for _, a in checks]
     assert accs[-1] >= 0.6 and all(a < 0.6 for a in accs[:-1])
+    assert res.match_val_accuracy == accs[-1]
+    # every 20 steps while far below the target, every 4 once within a point of it
+    for (s0, a0), (s1, _) in zip(checks, checks[1:], strict=False):
+        assert s1 - s0 == (4 if a0 >= 0.59 else 20)
+    from capsbench.runner import matched
+
+    assert matched(0.6, res.match_val_accuracy, res.stopped_early_at) == (res.match_val_accuracy <= 0.601)
+    assert not matched(0.6, 0.6, None) and not matched(0.6, 0.61, 100)
+
+
+@pytest.mark.parametrize("target,needle", [(1.0, "(0, 1)"), (0.0, "(0, 1)"), (99.2, "pass 0.992")])
+def test_match_target_outside_the_open_interval_is_refused(target, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        TrainConfig(model="lenet5", match_accuracy=target).validate()
+
+
+def test_match_target_the_validation_split_cannot_resolve_is_refused():
+    from capsbench.runner import check_match_target
+
+    check_match_target(0.992, n_val=5000)
+    with pytest.raises(ConfigError, match="too small to resolve"):
+        check_match_target(0.992, n_val=1000)
 
 
 def test_quick_profile_anneals_linearly_to_zero_and_smoke_keeps_the_paper_decay(data_root, tmp_path):

@@ -57,11 +57,11 @@ def test_learning_curve_and_channels_last_training(tmp_path, data_root):
     cfg = TrainConfig(model="lenet5", profile="smoke", steps=12, batch_size=64, train_limit=256)
     a = train(cfg, out=tmp_path / "a", data_root=data_root, device="cpu", progress=False, log=lambda m: None,
               speed=SpeedOptions(channels_last=True, curve=True))
-    curve = [h for h in a.history if "test_acc" in h]
+    curve = [h for h in a.history if "val_acc" in h]
     assert [h["step"] for h in curve] == [4, 8, 12] and [h["epoch"] for h in curve] == [1, 2, 3]
-    assert all(0.0 <= h["test_acc"] <= 1.0 for h in curve)
+    assert all(0.0 <= h["val_acc"] <= 1.0 for h in curve)
     b = train(cfg, out=tmp_path / "b", data_root=data_root, device="cpu", progress=False, log=lambda m: None)
-    assert not [h for h in b.history if "test_acc" in h]
+    assert not [h for h in b.history if "val_acc" in h]
     for (k, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         torch.testing.assert_close(pa, pb, atol=1e-4, rtol=1e-3, msg=k)  # layout does not change the job
 
@@ -148,7 +148,7 @@ def test_cuda_graph_training_follows_the_eager_job(tmp_path, data_root):
     kw = dict(data_root=data_root, device="cuda", progress=False, log=lambda m: None)
     g = train(cfg, out=tmp_path / "g", speed=SpeedOptions(channels_last=True, cuda_graph=True, curve=True), **kw)
     e = train(cfg, out=tmp_path / "e", **kw)
-    assert g.steps_done == 12 and [h["step"] for h in g.history if "test_acc" in h] == [4, 8, 12]
+    assert g.steps_done == 12 and [h["step"] for h in g.history if "val_acc" in h] == [4, 8, 12]
     torch.manual_seed(0)
     w0 = create_model("capsnet").state_dict()
     we, wg = e.model.state_dict(), g.model.state_dict()

@@ -24,10 +24,18 @@ def test_registered_suites():
     assert len(names) == len(set(names)) == 1 + 2 * (len(ROTATION_ANGLES) - 1)
 
 
+def test_claim_models_train_three_seeds_by_default_and_seeds_overrides():
+    for name in ("rotation", "part_shuffle", "affnist"):
+        suite = get_suite(name)
+        assert set(suite.claim_models) == {"capsnet", "cnn_maxpool"} <= set(suite.default_models)
+        assert [suite.seeds_for(m, None) for m in ("capsnet", "cnn_maxpool", "lenet5")] == [3, 3, 1]
+        assert suite.seeds_for("capsnet", 2) == suite.seeds_for("lenet5", 2) == 2
+
+
 @pytest.fixture(scope="module")
 def rotation_smoke(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("runs")
-    rc = main(["run", "--suite", "rotation", "--profile", "smoke", "--out", str(out),
+    rc = main(["run", "--suite", "rotation", "--profile", "smoke", "--seeds", "1", "--out", str(out),
                "--data-root", str(data_root), "--device", "cpu", "--no-progress", "--no-report"])
     assert rc == 0
     return out
@@ -72,7 +80,7 @@ def test_rotation_smoke_rows(rotation_smoke, data_root):
 def test_second_run_recomputes_nothing(rotation_smoke, data_root, capsys):
     results = rotation_smoke / "rotation-smoke" / "results.csv"
     before = results.read_bytes()
-    rc = main(["run", "--suite", "rotation", "--profile", "smoke", "--out", str(rotation_smoke),
+    rc = main(["run", "--suite", "rotation", "--profile", "smoke", "--seeds", "1", "--out", str(rotation_smoke),
                "--data-root", str(data_root), "--device", "cpu", "--no-progress", "--no-report"])
     assert rc == 0
     out = capsys.readouterr().out

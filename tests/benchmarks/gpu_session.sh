@@ -56,8 +56,8 @@ import sys, torch
 st = torch.load(sys.argv[1] + "/checkpoint.pt", map_location="cpu", weights_only=False)
 print("checkpoint step", st["step"], "elapsed", round(st["elapsed"], 1), "s, finished", st.get("finished"))
 for h in st["history"]:
-    if "test_acc" in h:
-        print(f"epoch {h['epoch']:g} step {h['step']} test_acc {h['test_acc']:.4f}")
+    if "val_acc" in h:
+        print(f"epoch {h['epoch']:g} step {h['step']} val_acc {h['val_acc']:.4f}")
 PY
 tail -12 $OUT/paper_curve.txt 2>/dev/null
 
