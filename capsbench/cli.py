@@ -184,6 +184,7 @@ def _train_config(args: argparse.Namespace):
         batch_size=args.batch_size,
         lr=args.lr,
         amp=args.amp,
+        match_accuracy=args.match_accuracy,
     ).validate()
 
 
@@ -223,6 +224,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             "train_time_s": result.train_time_s,
             "images_per_s": result.images_per_s,
             "steps": result.steps_done,
+            "stopped_early_at": result.stopped_early_at,
+            "match_val_accuracy": result.match_val_accuracy,
+            "split": result.split,
             "trained_config": result.config,
             "oom_retries": result.oom_retries,
             "determinism_flags": flags,
@@ -234,6 +238,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(n={int(clean['n'])}), {result.steps_done} steps in {result.train_time_s:.0f} s "
         f"({result.images_per_s:.0f} images/s){' [reused]' if result.reused else ''}"
     )
+    if cfg.match_accuracy is not None:
+        reached = (f"stopped at step {result.stopped_early_at}" if result.stopped_early_at
+                   else "did not reach it within the budget")
+        print(f"{cfg.model}: --match-accuracy {cfg.match_accuracy:g}: {reached}, validation accuracy "
+              f"{100 * (result.match_val_accuracy or float('nan')):.2f}%")
     print(f"run directory: {result.job_dir}")
     return 0
 
@@ -460,8 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=_positive_float, default=None)
     pt.add_argument("--seed", type=_nonneg_int, default=0)
     _add_speed_args(pt)
+    pt.add_argument("--match-accuracy", type=_positive_float, default=None,
+                    help="stop when accuracy on the validation split reaches this fraction (as capsbench run: "
+                         "a job trained here is reused by a run with the same settings)")
     pt.add_argument("--curve", action="store_true",
-                    help="evaluate the test set after every epoch and keep the learning curve in job.json")
+                    help="evaluate the validation split after every epoch and keep the learning curve in job.json")
     pt.add_argument("--deterministic", action="store_true",
                     help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")
     pt.add_argument("--no-progress", action="store_true")

@@ -30,7 +30,14 @@ from capsbench.malloc import keep_freed_memory
 from capsbench.models import count_parameters, create_model
 from capsbench.profiles import get_profile
 from capsbench.registry import Registry
-from capsbench.splits import SPLIT_VERSION, VALIDATION_SEED, VALIDATION_SIZE, eval_subset, validation_split
+from capsbench.splits import (
+    SPLIT_VERSION,
+    VALIDATION_SEED,
+    VALIDATION_SIZE,
+    eval_subset,
+    stratified_sample,
+    validation_split,
+)
 from capsbench.splits import describe as describe_split
 from capsbench.store import atomic_torch_save, environment_info, read_json, stable_hash, write_json
 
@@ -109,7 +116,7 @@ class TrainConfig:
     lr_decay_steps: int = 2000
     amp: str | None = None  # "bf16" (CUDA only)
     match_accuracy: float | None = None  # stop when validation accuracy reaches this
-    match_eval_every: int = 50  # validation checks; every fifth of this once within NEAR_TARGET
+    match_eval_every: int = 50  # validation checks; every NEAR_EVERY-th of this once within NEAR_TARGET
     train_limit: int | None = None  # train on the first N training images only
     model_kwargs: tuple[tuple[str, Any], ...] = ()
 
@@ -131,7 +138,7 @@ class TrainConfig:
         if self.amp not in (None, "bf16"):
             raise ConfigError(f"amp must be 'bf16' or unset, got {self.amp!r}")
         if self.match_accuracy is not None:
-            check_match_target(self.match_accuracy)
+            check_match_target(self.match_accuracy, tolerance=get_profile(self.profile).match_tolerance)
         if self.match_eval_every < 1:
             raise ConfigError(f"match_eval_every must be >= 1, got {self.match_eval_every}")
         PROTOCOLS.get(self.protocol)
@@ -163,7 +170,7 @@ class TrainConfig:
         # trained on the training set minus the validation split (which one is part of the job)
         recipe += [f"val={VALIDATION_SIZE}:{VALIDATION_SEED}:v{SPLIT_VERSION}"]
         if self.match_accuracy is not None:  # the stop rule: validation, denser checks near the target
-            recipe += [f"match=val,tol={MATCH_TOLERANCE:g},near={NEAR_TARGET:g}"]
+            recipe += [f"match=val,tol={profile.match_tolerance:g},near={NEAR_TARGET:g}/{NEAR_EVERY},far={MATCH_FAR_SUBSET}"]
         return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []) + recipe)
 
     @property
@@ -174,10 +181,15 @@ class TrainConfig:
 # --------------------------------------------------------------------------- matched accuracy
 
 # A model is "at the matched accuracy" when its validation accuracy at the stop lies in
-# [target, target + MATCH_TOLERANCE]. Within NEAR_TARGET below the target, validation is checked
-# five times as often, so that a stop does not overshoot by more than a few updates' gain.
+# [target, target + tolerance] (the profile's match_tolerance; MATCH_TOLERANCE by default).
+# Within NEAR_TARGET below the target, validation is checked NEAR_EVERY times as often, so that a stop
+# does not overshoot by more than a few updates' gain. Far from the target a check first scores
+# a class-stratified MATCH_FAR_SUBSET of the validation digits and scores all of them only once
+# that subset is within NEAR_TARGET: a stop is always decided on the whole split.
 MATCH_TOLERANCE = 0.001  # 0.1 percentage point
 NEAR_TARGET = 0.01
+NEAR_EVERY = 10
+MATCH_FAR_SUBSET = 1000
 # The validation split must resolve the tolerance: at least this many accuracy steps (1 / n) in it.
 MATCH_STEPS_IN_TOLERANCE = 5
 
@@ -588,15 +600,19 @@ def _train_locked(
 
     images = images.to(dev)  # uint8, resident on the device
     labels = labels.to(dev)
-    match_x = match_y = curve_x = curve_y = None
+    match_x = match_y = curve_x = curve_y = far_x = far_y = None
     val_images, val_labels = train_set.images[val_idx], train_set.labels[val_idx]
     if cfg.match_accuracy is not None:
         # validation digits placed as the protocol trains them, the same placement for every
         # model and seed (so two models are matched on the same inputs)
         match_x, match_y = proto.augment(to_float(val_images), _generator(7919)), val_labels
+        if len(val_labels) > MATCH_FAR_SUBSET:
+            far = stratified_sample(val_labels, MATCH_FAR_SUBSET, seed=0, tag="match-far")
+            far_x, far_y = match_x[far], match_y[far]
     if speed.curve:  # validation digits as the protocol's clean cell shows test digits
         curve_x, curve_y = proto.clean(to_float(val_images)), val_labels
     match_acc = None
+    near = False  # within NEAR_TARGET of the target at the last check of the whole split
     next_check = cfg.match_eval_every
 
     def save(finished: bool) -> None:
@@ -675,15 +691,21 @@ def _train_locked(
             logged = seen_since = 0
             t_mark = time.perf_counter()
         if match_x is not None and (step >= next_check or step == total_steps):
-            match_acc = accuracy(predict(model, match_x, device=dev, amp=cfg.amp)[0], match_y)
-            history.append({"step": step, "match_val_acc": match_acc})
+            whole = near or step == total_steps or far_x is None
+            if not whole:  # far from the target: a subset tells whether the whole split is worth it
+                far_acc = accuracy(predict(model, far_x, device=dev, amp=cfg.amp)[0], far_y)
+                history.append({"step": step, "match_val_acc_subset": far_acc})
+                whole = far_acc >= cfg.match_accuracy - NEAR_TARGET
+            if whole:
+                match_acc = accuracy(predict(model, match_x, device=dev, amp=cfg.amp)[0], match_y)
+                history.append({"step": step, "match_val_acc": match_acc})
+                if match_acc >= cfg.match_accuracy:
+                    stopped = step
+                    log(f"{cfg.model}: validation accuracy {match_acc:.4f} >= {cfg.match_accuracy} at step {step}")
+                    break
+                near = match_acc >= cfg.match_accuracy - NEAR_TARGET
             t_mark = time.perf_counter()
-            if match_acc >= cfg.match_accuracy:
-                stopped = step
-                log(f"{cfg.model}: validation accuracy {match_acc:.4f} >= {cfg.match_accuracy} at step {step}")
-                break
-            near = match_acc >= cfg.match_accuracy - NEAR_TARGET
-            next_check = step + (max(1, cfg.match_eval_every // 5) if near else cfg.match_eval_every)
+            next_check = step + (max(1, cfg.match_eval_every // NEAR_EVERY) if near else cfg.match_eval_every)
         if curve_x is not None and step % steps_per_epoch == 0:
             acc = accuracy(predict(model, curve_x, device=dev, amp=cfg.amp)[0], curve_y)
             history.append({"step": step, "epoch": step / steps_per_epoch, "val_acc": acc})
@@ -712,7 +734,7 @@ def _train_locked(
             "images_per_s": ips_total,
             "stopped_early_at": stopped,
             "match_accuracy": cfg.match_accuracy,
-            "match_tolerance": MATCH_TOLERANCE if cfg.match_accuracy is not None else None,
+            "match_tolerance": profile.match_tolerance if cfg.match_accuracy is not None else None,
             "match_val_accuracy": match_acc,
             "split": split,
             "history": history,

@@ -8,7 +8,7 @@ scoring cells and nothing else.
 
 A profile that scores fewer than all test images scores a seeded, class-stratified random
 sample of them, the same for every model and seed of a run; MNIST's test set is not in random
-order (its first 5,000 digits are harder than its last 5,000), so a prefix would describe a
+order (its two halves come from different groups of writers), so a prefix would describe a
 biased subset. Each split is recorded in run.json / job.json by :func:`describe` (size, seed,
 sha256 of the sorted indices, and for evaluation subsets the indices themselves), enough to
 score any cell again from the record alone.

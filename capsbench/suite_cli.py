@@ -46,13 +46,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         amp=args.amp,
         speed=_speed_options(args),
+        epochs=args.epochs,
     )
     if not args.no_report:
         try:
-            from capsbench.report import write_report
+            from capsbench.report import verdict_lines, write_report
         except ImportError:
             return 0
         path = write_report([run_dir], run_dir / "report")
+        for line in verdict_lines(run_dir / "report"):
+            print(line)
         print(f"report: {path}")
     return 0
 
@@ -67,6 +70,8 @@ def add_commands(sub, add_common) -> None:
                    help="seeds 0..N-1 of every model (default: 3 of the two models the suite's claim compares, "
                         "capsnet and cnn_maxpool, so that the claim gets a verdict; 1 of the others)")
     p.add_argument("--profile", default="quick", help="smoke, quick (CPU default) or paper")
+    p.add_argument("--epochs", type=_positive_float, default=None,
+                   help="train every model for this many epochs instead of the profile's budget")
     p.add_argument("--match-accuracy", type=_positive_float, default=None,
                    help="stop each model's training when its accuracy on the validation split (training digits "
                         "held out, placed as in training) reaches this fraction, e.g. 0.992")

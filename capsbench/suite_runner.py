@@ -45,7 +45,8 @@ from capsbench.locks import DirLock, remove_partial_files
 from capsbench.models import list_models
 from capsbench.profiles import get_profile
 from capsbench.runner import (
-    MATCH_TOLERANCE,
+    MATCH_FAR_SUBSET,
+    NEAR_EVERY,
     NEAR_TARGET,
     PROTOCOLS,
     SpeedOptions,
@@ -148,6 +149,7 @@ def run_suite(
     lr: float | Mapping[str, float] | None = None,
     amp: str | None = None,
     speed: SpeedOptions | None = None,
+    epochs: float | None = None,
 ) -> Path:
     """Run a suite end to end and return its run directory (see the module docstring).
 
@@ -157,6 +159,8 @@ def run_suite(
     ``deterministic``: reproducible kernels (:func:`capsbench.runner.set_deterministic`).
     ``lr``: learning rate for every model, or per model name (others keep the profile's).
     ``amp``: ``"bf16"`` trains under bf16 autocast (CUDA; part of each job's key).
+    ``epochs``: train every model for this many epochs instead of the profile's budget (part of
+    each job's key, as ``capsbench train --epochs``).
     ``speed``: how training runs on the device (:class:`capsbench.runner.SpeedOptions`; the
     learning curve option is ignored here).
     """
@@ -179,7 +183,7 @@ def run_suite(
     speed = check_device_options(dev, amp, speed)
     for model_name in models:  # every number checked before anything is created
         TrainConfig(model=model_name, dataset=suite.dataset, protocol=suite.protocol, profile=prof.name,
-                    match_accuracy=match_accuracy, amp=amp).validate()
+                    match_accuracy=match_accuracy, amp=amp, epochs=epochs).validate()
     # Data next (fetching it when online), so a missing or damaged file stops before any work;
     # a real affNIST file present under the root must be readable too.
     test = ensure_dataset(suite.dataset, root=data_root, split="test")
@@ -206,7 +210,7 @@ def run_suite(
         try:
             return _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root, match_accuracy,
                                progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs,
-                               amp, speed)
+                               amp, speed, epochs)
         finally:
             if deterministic and not was_deterministic:
                 set_deterministic(False)
@@ -214,7 +218,7 @@ def run_suite(
 
 def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root, match_accuracy,
                 progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs,
-                amp, speed) -> Path:
+                amp, speed, epochs) -> Path:
     sums = data_checksums(suite.dataset, root=data_root)
     data_tag = stable_hash(sums, 16)
     evaluation = splits["evaluation"]
@@ -246,6 +250,7 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
                 seed=seed,
                 match_accuracy=match_accuracy,
                 amp=amp,
+                epochs=epochs,
                 **({"lr": float(lrs[model_name])} if model_name in lrs else {}),
             ).validate()
             base = {
@@ -262,7 +267,7 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
             }
             planned.append((cfg, base))
     # Before anything is written: a folder holds one configuration (its jobs would mix).
-    _check_same_settings(run_dir, previous, suite, prof, evaluation, match_accuracy, amp, lrs, models)
+    _check_same_settings(run_dir, previous, suite, prof, evaluation, match_accuracy, amp, lrs, models, epochs)
     _check_same_jobs(run_dir, loaded, planned)
     if dropped:  # the damaged rows go now, even when nothing is left to do
         write_rows_csv(results_path, _with_direction_means(suite, loaded))
@@ -309,13 +314,16 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
                 "seeds_per_model": seeds_per_model,
                 "profile": asdict(prof),
                 "match_accuracy": match_accuracy,
-                "match_tolerance": MATCH_TOLERANCE if match_accuracy is not None else None,
+                "match_tolerance": prof.match_tolerance if match_accuracy is not None else None,
                 "match_rule": None if match_accuracy is None else (
                     "training stops at the first validation check whose accuracy reaches the target; "
-                    f"checked every {TrainConfig.match_eval_every} steps, every "
-                    f"{max(1, TrainConfig.match_eval_every // 5)} within {100 * NEAR_TARGET:g} points of it; "
-                    f"matched if the accuracy at the stop is within {100 * MATCH_TOLERANCE:g} point above the target"),
+                    f"checked every {TrainConfig.match_eval_every} steps (first on a class-stratified "
+                    f"{MATCH_FAR_SUBSET}-digit subset, on the whole split once that subset is within "
+                    f"{100 * NEAR_TARGET:g} points of the target), every {max(1, TrainConfig.match_eval_every // NEAR_EVERY)} "
+                    f"steps on the whole split once it is within {100 * NEAR_TARGET:g} points; matched if the "
+                    f"accuracy at the stop is within {100 * prof.match_tolerance:g} point above the target"),
                 "amp": amp,
+                "epochs": epochs,
                 "lr": {**(previous.get("lr") or {}), **lrs},
                 "eval_images_per_cell": n_eval,
                 # which images train, select and score: enough to score any cell again
@@ -418,11 +426,12 @@ def _refuse(run_dir: Path, what: str) -> ConfigError:
 
 def _check_same_settings(run_dir: Path, previous: Mapping[str, Any], suite: Suite, prof,
                          evaluation: Mapping[str, Any], match_accuracy: float | None, amp: str | None,
-                         lrs: Mapping[str, float], models: Sequence[str]) -> None:
+                         lrs: Mapping[str, float], models: Sequence[str], epochs: float | None = None) -> None:
     """Refuse to run into a folder whose run.json records other job-defining settings."""
     if not previous:
         return
-    now: dict[str, Any] = {"match_accuracy": match_accuracy, "amp": amp, "eval_images_per_cell": evaluation["n"]}
+    now: dict[str, Any] = {"match_accuracy": match_accuracy, "amp": amp, "eval_images_per_cell": evaluation["n"],
+                           "epochs": epochs}
     then: dict[str, Any] = {k: previous[k] for k in now if k in previous}
     # the test images the cells score: a folder from before random subsets scored a prefix
     old_eval = (previous.get("splits") or {}).get("evaluation") or {}

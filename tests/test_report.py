@@ -108,6 +108,9 @@ def _write_run(
         if match_accuracy is not None:
             stop = job.get("stopped_early_at")
             rows.append({**common, "metric": "matched_at_step", "value": float(stop) if stop else float("nan")})
+            acc = job.get("match_val_accuracy")
+            rows.append({**common, "metric": "match_val_accuracy", "value": float("nan") if acc is None else acc,
+                         "n": 5000})
     pd.DataFrame(rows).to_csv(run_dir / "results.csv", index=False)
     meta = {
         "status": "finished", "command": f"capsbench run --suite {suite_name} --profile smoke",
@@ -173,8 +176,10 @@ def runs(tmp_path_factory, data_root):
     af_dir = _write_run(root, "affnist", AF_CELLS, af, models=["capsnet", "cnn_maxpool"], data_root=data_root,
                         eval_data={"affnist": "affnist_synth", "expanded_mnist": "expanded_mnist_test"},
                         match_accuracy=0.99,
-                        jobs_extra={("capsnet", 0): {"stopped_early_at": 300}, ("capsnet", 1): {"stopped_early_at": 350},
-                                    ("cnn_maxpool", 0): {"stopped_early_at": 200}})
+                        jobs_extra={("capsnet", 0): {"stopped_early_at": 300, "match_val_accuracy": 0.9904},
+                                    ("capsnet", 1): {"stopped_early_at": 350, "match_val_accuracy": 0.9900},
+                                    ("cnn_maxpool", 0): {"stopped_early_at": 200, "match_val_accuracy": 0.9910},
+                                    ("cnn_maxpool", 1): {"match_val_accuracy": 0.9850}})
     return {"root": root, "rotation": rot_dir, "part_shuffle": ps_dir, "translation": tr_dir, "affnist": af_dir}
 
 
@@ -325,7 +330,8 @@ def test_verdicts_from_the_fixture_runs(built):
     assert v.loc["orientation", "verdict"] == "supported"
     assert v.loc["orientation", "difference"] > 0.2 and v.loc["orientation", "seeds"] == 3
     assert v.loc["orientation", "pairs"] == 3 * 4 * N_IMAGES  # 3 seed pairs x 4 rotated cells
-    assert float(v.loc["orientation", "se_seeds"]) > 0 and float(v.loc["orientation", "se_images"]) > 0
+    # independent outcomes per seed (no image difficulty in the fixture): all of the variance is seed to seed
+    assert float(v.loc["orientation", "se_seeds"]) > 0 and float(v.loc["orientation", "se_images"]) >= 0
     # capsnet is 1 point behind on clean digits and 30 ahead on rotated ones: beyond clean accuracy
     assert "On the clean cell (rot0) capsnet - cnn_maxpool = " in v.loc["orientation", "notes"]
     assert "difference in differences" in v.loc["orientation", "notes"]
@@ -336,27 +342,47 @@ def test_verdicts_from_the_fixture_runs(built):
     assert v.loc["pooling", "pairs"] == 3 * N_IMAGES  # shuffle_k2, k4, k7 (the swap cell is not pooled)
     assert v.loc["affNIST", "run"] == "affnist-smoke"
     notes = v.loc["affNIST", "notes"]
-    assert "cnn_maxpool did NOT reach the matched accuracy 0.99 in seed(s) 1" in notes
-    assert "capsnet reached the matched accuracy 0.99 in every seed" in notes
+    assert "capsnet validation accuracy at the stop (seed 0: stopped at step 300, 99.04%; seed 1: stopped at step " \
+           "350, 99.00%)." in notes
+    assert "cnn_maxpool validation accuracy at the stop (seed 0: stopped at step 200, 99.10%; seed 1: not stopped " \
+           "(full budget), 98.50%): NOT matched in seed(s) 1." in notes
     assert "affnist_synth" in notes
     # capsnet is 10 points ahead, but not at matched clean accuracy: no verdict either way
     assert v.loc["affNIST", "verdict"] == "inconclusive" and v.loc["affNIST", "difference"] > 0.05
-    assert "instead of 'supported': the models were not compared at a matched clean accuracy" in notes
+    assert "they were not." in notes
 
 
-def test_affnist_verdict_at_matched_accuracy(tmp_path, data_root):
+def _affnist_run(tmp_path, data_root, stops):
     rng = np.random.default_rng(5)
     wrong = (LABELS + 1) % 10
     af = {(m, s, c): np.where(_outcome(rng, 0.99 if c == "expanded_mnist" else p), LABELS, wrong)
-          for m, p in (("capsnet", 0.8), ("cnn_maxpool", 0.6)) for s in range(2) for c in AF_CELLS}
-    stops = {(m, s): {"stopped_early_at": 100 + s} for m in ("capsnet", "cnn_maxpool") for s in range(2)}
+          for m, p in (("capsnet", 0.8), ("cnn_maxpool", 0.6)) for s in range(3) for c in AF_CELLS}
     run_dir = _write_run(tmp_path, "affnist", AF_CELLS, af, models=["capsnet", "cnn_maxpool"], data_root=data_root,
                          eval_data={"affnist": "affnist_synth", "expanded_mnist": "expanded_mnist_test"},
                          match_accuracy=0.99, jobs_extra=stops)
     report.write_report([run_dir], tmp_path / "report")
-    v = pd.read_csv(tmp_path / "report" / "tables" / "verdicts.csv", keep_default_na=False).set_index("claim")
+    return pd.read_csv(tmp_path / "report" / "tables" / "verdicts.csv", keep_default_na=False).set_index("claim")
+
+
+def test_affnist_verdict_at_matched_accuracy(tmp_path, data_root):
+    stops = {(m, s): {"stopped_early_at": 100 + s, "match_val_accuracy": 0.9906 - 0.0002 * s}
+             for m in ("capsnet", "cnn_maxpool") for s in range(3)}
+    v = _affnist_run(tmp_path, data_root, stops)
     assert v.loc["affNIST", "verdict"] == "supported", v.loc["affNIST", "notes"]
-    assert "instead of" not in v.loc["affNIST", "notes"]
+    assert "instead of" not in v.loc["affNIST", "notes"] and "they were." in v.loc["affNIST", "notes"]
+
+
+@pytest.mark.parametrize("overshoot", [{"match_val_accuracy": 0.9912}, {"match_val_accuracy": None}])
+def test_affnist_not_matched_when_a_stop_overshoots_the_tolerance(tmp_path, data_root, overshoot):
+    """A model that stopped but more than 0.1 point above the target (or whose accuracy at the stop
+    was not recorded, as in runs from before the validation split) is not matched."""
+    stops = {(m, s): {"stopped_early_at": 100 + s, "match_val_accuracy": 0.9903}
+             for m in ("capsnet", "cnn_maxpool") for s in range(2)}
+    stops[("cnn_maxpool", 1)].update(overshoot)
+    v = _affnist_run(tmp_path, data_root, stops)
+    assert v.loc["affNIST", "verdict"] == "inconclusive"
+    assert "NOT matched in seed(s) 1" in v.loc["affNIST", "notes"] and "they were not." in v.loc["affNIST", "notes"]
+    assert "instead of 'supported': the models were not compared at a matched clean accuracy" in v.loc["affNIST", "notes"]
 
 
 def test_verdict_rule_on_constructed_pairs():
@@ -400,27 +426,68 @@ def test_verdict_rule_on_constructed_pairs():
 def test_seed_to_seed_variance_widens_the_interval():
     """Three seeds of A that differ a lot (60%, 75%, 90% on the same images) against a steady B
     at 70%: the image-sampling error alone would call A better; with the training variance the
-    interval takes in 0. The standard errors and the t interval are checked by hand."""
+    interval takes in 0. The mean squares, standard errors and the t interval by hand."""
     from scipy import stats as st
 
     rng = np.random.default_rng(1)
-    n = 5000
+    n, s = 5000, 3
     u = rng.random(n)
     a = [u < p for p in (0.6, 0.75, 0.9)]
-    b = [u < 0.7 for _ in range(3)]
+    b = [u < 0.7 for _ in range(s)]
     res = report.compare_paired(a, b, [0, 1, 2])
-    means_a = [x.mean() for x in a]
-    var_seed = np.var(means_a, ddof=1) / 3  # B's per-seed means are equal: no variance
-    assert res["se_seeds"] == pytest.approx(np.sqrt(var_seed))
+    d = np.stack([x.astype(float) - y for x, y in zip(a, b, strict=True)], axis=1)
+    ms_img = s * d.mean(axis=1).var(ddof=1)
+    ms_seed = n * d.mean(axis=0).var(ddof=1)
+    ms_res = ((d - d.mean(axis=1, keepdims=True) - d.mean(axis=0) + d.mean()) ** 2).sum() / ((n - 1) * (s - 1))
+    var_img, var_seed = (ms_img - ms_res) / (n * s), ms_seed / (n * s)
+    assert var_seed == pytest.approx(np.var([x.mean() - y.mean() for x, y in zip(a, b, strict=True)],
+                                            ddof=1) / s)  # the spread of the per-seed mean differences
+    assert res["se_images"] == pytest.approx(np.sqrt(var_img)) and res["se_seeds"] == pytest.approx(np.sqrt(var_seed))
     assert res["se_seeds"] > 5 * res["se_images"] > 0
-    var = res["se_images"] ** 2 + var_seed
-    df = var ** 2 / (var_seed ** 2 / 2)  # Welch-Satterthwaite, the image part counted as known
+    var = var_img + var_seed
+    df = var ** 2 / ((ms_seed / (n * s)) ** 2 / (s - 1) + (ms_img / (n * s)) ** 2 / (n - 1)
+                     + (ms_res / (n * s)) ** 2 / ((n - 1) * (s - 1)))
     assert res["df"] == pytest.approx(df)
     half = st.t.ppf(0.975, df) * np.sqrt(var)
     assert res["ci_low"] == pytest.approx(res["difference"] - half)
     assert res["ci_low"] < 0 < res["difference"] - 1.96 * res["se_images"]
     assert res["verdict"] == "inconclusive"
     assert res["p_value"] == pytest.approx(2 * st.t.sf(abs(res["difference"]) / np.sqrt(var), df))
+
+
+def _null_coverage(rng, reps: int, n: int = 1000, seeds: int = 3, cells: int = 1, sd_seed: float = 0.0) -> float:
+    """Fraction of null experiments (A and B drawn alike: shared image difficulty, per-model seed
+    effects of sd ``sd_seed`` on the logit, image x seed noise, binary outcomes) whose 95% claim
+    interval covers the true difference 0."""
+    covered = 0
+    for _ in range(reps):
+        difficulty = rng.normal(2.0, 2.0, n)
+        units = []
+        for _model in range(2):
+            logit = (difficulty[:, None, None] + rng.normal(0, sd_seed, seeds)[None, :, None]
+                     + rng.normal(0, 1.0, (n, seeds, cells)))
+            ok = rng.random((n, seeds, cells)) < 1 / (1 + np.exp(-logit))
+            units.append([ok[:, s_, c] for s_ in range(seeds) for c in range(cells)])
+        res = report.compare_paired(units[0], units[1], [s_ for s_ in range(seeds) for _ in range(cells)])
+        covered += res["ci_low"] <= 0 <= res["ci_high"]
+    return covered / reps
+
+
+@pytest.mark.parametrize("sd_seed,cells", [(0.0, 1), (0.2, 1), (0.3, 4)])
+def test_claim_interval_covers_the_true_difference_95_percent_of_the_time(sd_seed, cells):
+    """Null data, 3 seeds: the nominal 95% interval covers 0 in 93-97% of 1,500 experiments (the
+    Monte Carlo standard error is 0.6 points), without seed effects (where the old rule, which
+    counted the image x seed interaction twice, covered about 99.5%) and with them."""
+    cov = _null_coverage(np.random.default_rng(11), 1500, cells=cells, sd_seed=sd_seed)
+    assert 0.93 <= cov <= 0.97, cov
+
+
+def test_holm_adjusts_a_family_of_p_values():
+    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert report.holm([0.5, 0.2]) == pytest.approx([0.5, 0.4])  # monotone: never below a smaller p's
+    adj = report.holm([0.02, float("nan"), 0.01])  # a claim not evaluated is not in the family
+    assert adj[0] == pytest.approx(0.02) and np.isnan(adj[1]) and adj[2] == pytest.approx(0.02)
+    assert report.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
 
 
 def test_orientation_gap_that_is_only_clean_accuracy_is_not_supported(tmp_path, data_root):
@@ -461,14 +528,6 @@ def test_proportion_ci_adds_image_and_seed_variance():
     assert report.proportion_ci([0.5], 100) == report.wilson_interval(0.5, 100)  # one seed: images only
     lo, hi = report.proportion_ci([0.999, 1.0, 1.0], 50)  # clipped to [0, 1]
     assert 0 <= lo < 1 and hi == 1.0
-
-
-def test_paired_bootstrap_resamples_images_with_their_cells():
-    d = np.zeros((100, 3))
-    d[:10] = 1.0  # 10 images better in every cell
-    mean, lo, hi = report.paired_bootstrap(d, resamples=500, seed=3)
-    assert mean == pytest.approx(0.1)
-    assert lo < 0.1 < hi and 0.0 < lo and hi < 0.2
 
 
 # --------------------------------------------------------------------------- missing pieces and bad input
