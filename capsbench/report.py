@@ -1634,6 +1634,8 @@ def verdict_lines(report_dir: str | Path) -> list[str]:
         if r["verdict"] not in ("supported", "refuted", "negligible"):
             why = [n.strip() for n in re.split(r"(?<=\.) (?=[A-Z'])", str(r["notes"]))
                    if "instead of" in n or "unknown" in n or n.startswith(("no ", "model", "NOT"))]
+            if not why and r["verdict"] == "inconclusive" and "CI" in line:
+                why = ["the interval holds 0 and reaches beyond +-1 point (more seeds or test images narrow it)."]
             if why:
                 line += ". Why: " + " ".join(why)
         lines.append(line)
@@ -1705,7 +1707,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
           "model splits the variance of its mean into a test-image part (which images were drawn) and a "
           "training part (the spread of the per-seed mean differences, the image x seed interaction in it once), "
           "Satterthwaite degrees of freedom (report.two_way_mean; in a null simulation the 95% interval covers "
-          "the true difference 94-96% of the time: docs/methods.md). p: two-sided, from the same t; Holm's "
+          "the true difference 94-95% of the time: docs/methods.md). p: two-sided, from the same t; Holm's "
           "adjustment over the claims evaluated in this report. Rotations by +180 and -180 degrees are one "
           "image and are pooled once.")
     vt = _verdict_table(verdicts)

@@ -170,7 +170,7 @@ class TrainConfig:
         # trained on the training set minus the validation split (which one is part of the job)
         recipe += [f"val={VALIDATION_SIZE}:{VALIDATION_SEED}:v{SPLIT_VERSION}"]
         if self.match_accuracy is not None:  # the stop rule: validation, denser checks near the target
-            recipe += [f"match=val,tol={profile.match_tolerance:g},near={NEAR_TARGET:g}/{NEAR_EVERY},far={MATCH_FAR_SUBSET}"]
+            recipe += [f"match=val,tol={profile.match_tolerance:g},near={NEAR_TARGET:g}/{NEAR_EVERY},far={MATCH_FAR_SUBSET},proj=1/2"]
         return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []) + recipe)
 
     @property
@@ -613,6 +613,7 @@ def _train_locked(
         curve_x, curve_y = proto.clean(to_float(val_images)), val_labels
     match_acc = None
     near = False  # within NEAR_TARGET of the target at the last check of the whole split
+    last_check: tuple[int, float] | None = None  # (step, accuracy) of the last check
     next_check = cfg.match_eval_every
 
     def save(finished: bool) -> None:
@@ -705,7 +706,17 @@ def _train_locked(
                     break
                 near = match_acc >= cfg.match_accuracy - NEAR_TARGET
             t_mark = time.perf_counter()
-            next_check = step + (max(1, cfg.match_eval_every // NEAR_EVERY) if near else cfg.match_eval_every)
+            # far from the target: every match_eval_every steps, or sooner when the last two checks
+            # project the target closer (half the projected distance), so a steep curve is not overshot
+            now = match_acc if whole else far_acc
+            gap = fine = max(1, cfg.match_eval_every // NEAR_EVERY)
+            if not near:
+                gap = cfg.match_eval_every
+                if last_check is not None and now > last_check[1]:
+                    slope = (now - last_check[1]) / (step - last_check[0])
+                    gap = int(min(gap, max(fine, (cfg.match_accuracy - now) / slope / 2)))
+            last_check = (step, now)
+            next_check = step + gap
         if curve_x is not None and step % steps_per_epoch == 0:
             acc = accuracy(predict(model, curve_x, device=dev, amp=cfg.amp)[0], curve_y)
             history.append({"step": step, "epoch": step / steps_per_epoch, "val_acc": acc})

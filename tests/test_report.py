@@ -642,3 +642,15 @@ def test_metrics_option_limits_the_tables(runs, tmp_path):
     assert not any(t.endswith("_confidence.csv") for t in tables)
     with pytest.raises(CapsbenchError, match="valid metrics: accuracy, confidence, unchanged"):
         report.write_report([runs["part_shuffle"]], out, metrics=["acc"])
+
+
+def test_verdict_lines_name_each_evaluated_claim_and_why(built):
+    out, _ = built
+    lines = report.verdict_lines(out)
+    v = pd.read_csv(out / "tables" / "verdicts.csv", keep_default_na=False).set_index("claim")
+    assert len(lines) == sum(1 for run in v["run"] if run)
+    orient = next(line for line in lines if line.startswith("claim orientation"))
+    assert f": {v.loc['orientation', 'verdict']}: " in orient and "95% CI [" in orient and "3 seed(s)" in orient
+    affnist = next(line for line in lines if line.startswith("claim affNIST"))
+    assert "inconclusive" in affnist and "Why:" in affnist
+    assert report.verdict_lines(out / "nowhere") == []

@@ -93,10 +93,19 @@ def test_match_accuracy_stops_on_validation_and_checks_densely_near_the_target(d
     # far from the target a 1,000-digit subset is checked first; the whole split (which alone
     # decides a stop) once the subset is within a point of the target
     assert subset and all((k in whole) == (a >= 0.59) for k, a in subset.items())
-    # every 20 steps while far below the target, every 2 once the whole split is within a point of it
+    # every 2 steps once the whole split is within a point of the target; far from it every 20,
+    # or after half the steps the last two checks project to the target (at least 2)
     steps = sorted(set(whole) | set(subset))
-    for s0, s1 in zip(steps, steps[1:], strict=False):
-        assert s1 - s0 == (2 if whole.get(s0, 0.0) >= 0.59 else 20)
+    acc_at = {**subset, **whole}
+    for i, (s0, s1) in enumerate(zip(steps, steps[1:], strict=False)):
+        if whole.get(s0, 0.0) >= 0.59:
+            assert s1 - s0 == 2
+            continue
+        expect = 20
+        if i > 0 and acc_at[s0] > acc_at[steps[i - 1]]:
+            slope = (acc_at[s0] - acc_at[steps[i - 1]]) / (s0 - steps[i - 1])
+            expect = int(min(20, max(2, (0.6 - acc_at[s0]) / slope / 2)))
+        assert s1 - s0 == expect, (s0, s1, expect)
     from capsbench.runner import matched
 
     assert matched(0.6, res.match_val_accuracy, res.stopped_early_at) == (res.match_val_accuracy <= 0.601)
