@@ -693,7 +693,11 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
     if not a_units:
         v.notes.insert(0, "no paired predictions to compare.")
         return v
-    res = compare_paired(a_units, b_units, unit_seeds, direction=1)
+    try:
+        res = compare_paired(a_units, b_units, unit_seeds, direction=1)
+    except ValueError as e:  # seeds scored on different numbers of images: no images x seeds table
+        v.notes.insert(0, f"the predictions cannot be paired across seeds: {e}.")
+        return v
     v.difference, v.ci_low, v.ci_high = res["difference"], res["ci_low"], res["ci_high"]
     v.se_images, v.se_seeds, v.p_value = res["se_images"], res["se_seeds"], res["p_value"]
     v.pairs, v.n_seeds, v.verdict = res["pairs"], res["n_seeds"], res["verdict"]
