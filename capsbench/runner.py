@@ -170,7 +170,7 @@ class TrainConfig:
         # trained on the training set minus the validation split (which one is part of the job)
         recipe += [f"val={VALIDATION_SIZE}:{VALIDATION_SEED}:v{SPLIT_VERSION}"]
         if self.match_accuracy is not None:  # the stop rule: validation, denser checks near the target
-            recipe += [f"match=val,tol={profile.match_tolerance:g},near={NEAR_TARGET:g}/{NEAR_EVERY},far={MATCH_FAR_SUBSET},proj=1/2"]
+            recipe += [f"match=val,tol={profile.match_tolerance:g},near={NEAR_TARGET:g}/{NEAR_EVERY},far={MATCH_FAR_SUBSET},proj=max/2"]
         return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []) + recipe)
 
     @property
@@ -614,6 +614,7 @@ def _train_locked(
     match_acc = None
     near = False  # within NEAR_TARGET of the target at the last check of the whole split
     last_check: tuple[int, float] | None = None  # (step, accuracy) of the last check
+    max_slope = 0.0  # the steepest accuracy gain per step between two checks so far
     next_check = cfg.match_eval_every
 
     def save(finished: bool) -> None:
@@ -706,15 +707,17 @@ def _train_locked(
                     break
                 near = match_acc >= cfg.match_accuracy - NEAR_TARGET
             t_mark = time.perf_counter()
-            # far from the target: every match_eval_every steps, or sooner when the last two checks
-            # project the target closer (half the projected distance), so a steep curve is not overshot
+            # far from the target: every match_eval_every steps, or sooner when the steepest rise
+            # seen between two checks would reach the target earlier (after half those steps), so a
+            # steep, noisy curve is not overshot
             now = match_acc if whole else far_acc
             gap = fine = max(1, cfg.match_eval_every // NEAR_EVERY)
+            if last_check is not None and now > last_check[1]:
+                max_slope = max(max_slope, (now - last_check[1]) / (step - last_check[0]))
             if not near:
                 gap = cfg.match_eval_every
-                if last_check is not None and now > last_check[1]:
-                    slope = (now - last_check[1]) / (step - last_check[0])
-                    gap = int(min(gap, max(fine, (cfg.match_accuracy - now) / slope / 2)))
+                if max_slope > 0:
+                    gap = int(min(gap, max(fine, (cfg.match_accuracy - now) / max_slope / 2)))
             last_check = (step, now)
             next_check = step + gap
         if curve_x is not None and step % steps_per_epoch == 0:

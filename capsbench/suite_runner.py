@@ -317,8 +317,8 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
                 "match_tolerance": prof.match_tolerance if match_accuracy is not None else None,
                 "match_rule": None if match_accuracy is None else (
                     "training stops at the first validation check whose accuracy reaches the target; "
-                    f"checked every {TrainConfig.match_eval_every} steps, or after half the steps the last two checks "
-                    "project to the target if fewer (first on a class-stratified "
+                    f"checked every {TrainConfig.match_eval_every} steps, or after half the steps the steepest rise between two "
+                    "checks so far would take to reach the target, if fewer (first on a class-stratified "
                     f"{MATCH_FAR_SUBSET}-digit subset, on the whole split once that subset is within "
                     f"{100 * NEAR_TARGET:g} points of the target), every {max(1, TrainConfig.match_eval_every // NEAR_EVERY)} "
                     f"steps on the whole split once it is within {100 * NEAR_TARGET:g} points; matched if the "
