@@ -6,7 +6,7 @@ back in every routing pass, forward and backward. On a GPU that traffic, not ari
 is what routing costs once the convolutions run in bf16 (reports/gpu-h100). Here u_hat is
 never stored: each kernel reads the 8-D primary capsules u (37 kB per image) and W and
 does its contraction with u_hat as products of tiles of u and W (tl.dot), 2.9 MFLOP per
-image per pass. Status (reports/gpu-h100, session 4): correct, but on an H100 routing only
+image per pass. Status (reports/gpu-h100, 2026-11-26): correct, but on an H100 routing only
 7-19% faster than the plain path and the training step no faster, so it is opt-in
 (CapsNet(routing_kernel="triton") or CAPSBENCH_ROUTING=triton).
 
