@@ -776,6 +776,7 @@ def _affnist_notes(run: Run, claim: Claim) -> tuple[list[str], bool]:
     """Notes on the affNIST comparison and whether both models were matched: in every seed,
     stopped by --match-accuracy with a validation accuracy at the stop in [target, target + tolerance]."""
     from capsbench.runner import MATCH_TOLERANCE
+    from capsbench.runner import matched as is_matched
 
     notes = []
     target = run.meta.get("match_accuracy")
@@ -794,8 +795,7 @@ def _affnist_notes(run: Run, claim: Claim) -> tuple[list[str], bool]:
             shown = "; ".join(f"seed {s}: " + (f"stopped at step {step}" if step else "not stopped (full budget)")
                               + (f", {_pct(acc)}%" if acc is not None else ", accuracy not recorded")
                               for s, (step, acc) in sorted(rec.items()))
-            bad = [s for s, (step, acc) in rec.items()
-                   if not step or acc is None or not (target <= acc <= target + tol + 1e-12)]
+            bad = [s for s, (step, acc) in rec.items() if not is_matched(target, acc, step, tol)]
             if bad:
                 matched = False
             notes.append(f"{model} validation accuracy at the stop ({shown})"

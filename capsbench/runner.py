@@ -211,7 +211,7 @@ def matched(target: float | None, val_accuracy: float | None, stopped_at: int | 
     """Whether a job stopped at the matched accuracy: it reached the target and did not overshoot."""
     if target is None or val_accuracy is None or not stopped_at:
         return False
-    return target <= val_accuracy <= target + tolerance
+    return target <= val_accuracy <= target + tolerance + 1e-12  # float noise in target + tolerance
 
 
 # --------------------------------------------------------------------------- helpers
