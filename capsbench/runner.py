@@ -170,7 +170,7 @@ class TrainConfig:
         # trained on the training set minus the validation split (which one is part of the job)
         recipe += [f"val={VALIDATION_SIZE}:{VALIDATION_SEED}:v{SPLIT_VERSION}"]
         if self.match_accuracy is not None:  # the stop rule: validation, denser checks near the target
-            recipe += [f"match=val,tol={profile.match_tolerance:g},near={NEAR_TARGET:g}/{NEAR_EVERY},far={MATCH_FAR_SUBSET},proj=max/2"]
+            recipe += [f"match=val,tol={profile.match_tolerance:g},near={NEAR_TARGET:g}/{NEAR_EVERY},far={MATCH_FAR_SUBSET},proj=max/2,rewind=1,search={MATCH_SEARCH_STEPS}"]
         return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []) + recipe)
 
     @property
@@ -185,8 +185,16 @@ class TrainConfig:
 # Within NEAR_TARGET below the target, validation is checked NEAR_EVERY times as often, so that a stop
 # does not overshoot by more than a few updates' gain. Far from the target a check first scores
 # a class-stratified MATCH_FAR_SUBSET of the validation digits and scores all of them only once
-# that subset is within NEAR_TARGET: a stop is always decided on the whole split.
+# that subset is within NEAR_TARGET: a stop is always decided on the whole split. A check that
+# lands above target + tolerance does not stop the job: training goes back to the state of the
+# previous check (the model, optimiser and schedule are kept in memory at every check) and replays
+# the same batches with a check after every step, so the stop is the first step at or above the
+# target. Where a single step jumps past the band (CapsNet on 40x40 canvases in the quick profile
+# moves by over a point per step), the search goes on, checking after every step, for up to
+# MATCH_SEARCH_STEPS more steps: the stop is the first step whose accuracy lies in the band, or
+# the job is left unmatched (and so is any claim that needs it).
 MATCH_TOLERANCE = 0.001  # 0.1 percentage point
+MATCH_SEARCH_STEPS = 20
 NEAR_TARGET = 0.01
 NEAR_EVERY = 10
 MATCH_FAR_SUBSET = 1000
@@ -212,6 +220,36 @@ def matched(target: float | None, val_accuracy: float | None, stopped_at: int | 
     if target is None or val_accuracy is None or not stopped_at:
         return False
     return target <= val_accuracy <= target + tolerance + 1e-12  # float noise in target + tolerance
+
+
+class _TrainState:
+    """An in-memory copy of a job's model, optimiser and schedule, restored in place (so a
+    captured CUDA graph, which reads the parameters', moments' and rate's memory, stays valid)."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> None:
+        self.model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.opt = {id(p): {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                    for p, st in opt.state.items()}
+        self.lr = [float(g["lr"]) for g in opt.param_groups]
+        self.sched = {k: (list(v) if isinstance(v, list) else v) for k, v in sched.state_dict().items()}
+
+    def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> None:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(self.model[k])
+            for p, st in opt.state.items():
+                saved = self.opt.get(id(p), {})
+                for k, v in saved.items():
+                    if torch.is_tensor(v):
+                        st[k].copy_(v)
+                    else:
+                        st[k] = v
+            for g, lr in zip(opt.param_groups, self.lr, strict=True):
+                if torch.is_tensor(g["lr"]):
+                    g["lr"].fill_(lr)
+                else:
+                    g["lr"] = lr
+        sched.load_state_dict(self.sched)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -616,6 +654,11 @@ def _train_locked(
     last_check: tuple[int, float] | None = None  # (step, accuracy) of the last check
     max_slope = 0.0  # the steepest accuracy gain per step between two checks so far
     next_check = cfg.match_eval_every
+    tolerance = profile.match_tolerance
+    at_check: _TrainState | None = None  # the state at the last check, to go back to on an overshoot
+    at_check_near = False
+    replay_until = 0  # after going back: a check after every step up to the step that overshot
+    crossed_at: int | None = None  # the step a single update jumped past the band, if one did
 
     def save(finished: bool) -> None:
         atomic_torch_save(
@@ -693,7 +736,7 @@ def _train_locked(
             logged = seen_since = 0
             t_mark = time.perf_counter()
         if match_x is not None and (step >= next_check or step == total_steps):
-            whole = near or step == total_steps or far_x is None
+            whole = near or step == total_steps or far_x is None or crossed_at is not None
             if not whole:  # far from the target: a subset tells whether the whole split is worth it
                 far_acc = accuracy(predict(model, far_x, device=dev, amp=cfg.amp)[0], far_y)
                 history.append({"step": step, "match_val_acc_subset": far_acc})
@@ -701,9 +744,34 @@ def _train_locked(
             if whole:
                 match_acc = accuracy(predict(model, match_x, device=dev, amp=cfg.amp)[0], match_y)
                 history.append({"step": step, "match_val_acc": match_acc})
-                if match_acc >= cfg.match_accuracy:
+                overshot = match_acc > cfg.match_accuracy + tolerance + 1e-12
+                if overshot and at_check is not None and last_check is not None and step - last_check[0] > 1:
+                    # past the tolerance between two checks: back to the last check, then step by step
+                    log(f"{cfg.model}: validation accuracy {match_acc:.4f} at step {step} is past the target "
+                        f"{cfg.match_accuracy} + {tolerance:g}; replaying from step {last_check[0]} with a check "
+                        "after every step")
+                    at_check.restore(model, opt, sched)
+                    replay_until, step = step, last_check[0]
+                    history = [h for h in history if h["step"] <= step]
+                    history.append({"step": step, "match_rewind_from": replay_until, "overshoot_val_acc": match_acc})
+                    near, next_check = at_check_near, step + 1
+                    perm_epoch, run_loss, run_acc, logged, seen_since = -1, 0.0, 0.0, 0, 0
+                    t_mark = time.perf_counter()
+                    continue
+                if match_acc >= cfg.match_accuracy and not overshot:
                     stopped = step
                     log(f"{cfg.model}: validation accuracy {match_acc:.4f} >= {cfg.match_accuracy} at step {step}")
+                    break
+                if overshot and crossed_at is None:  # one step jumped past the band: search on, step by step
+                    crossed_at = step
+                    log(f"{cfg.model}: validation accuracy {match_acc:.4f} at step {step} jumped past the target "
+                        f"{cfg.match_accuracy} + {tolerance:g} in one step; checking every step for up to "
+                        f"{MATCH_SEARCH_STEPS} more")
+                if crossed_at is not None and (step - crossed_at >= MATCH_SEARCH_STEPS or step == total_steps):
+                    stopped = step
+                    log(f"{cfg.model}: no step within {MATCH_SEARCH_STEPS} of step {crossed_at} had a validation "
+                        f"accuracy in [{cfg.match_accuracy}, {cfg.match_accuracy} + {tolerance:g}]; stopped "
+                        f"unmatched at {match_acc:.4f}")
                     break
                 near = match_acc >= cfg.match_accuracy - NEAR_TARGET
             t_mark = time.perf_counter()
@@ -718,8 +786,11 @@ def _train_locked(
                 gap = cfg.match_eval_every
                 if max_slope > 0:
                     gap = int(min(gap, max(fine, (cfg.match_accuracy - now) / max_slope / 2)))
+            if step < replay_until or crossed_at is not None:
+                gap = 1
             last_check = (step, now)
             next_check = step + gap
+            at_check, at_check_near = _TrainState(model, opt, sched), near
         if curve_x is not None and step % steps_per_epoch == 0:
             acc = accuracy(predict(model, curve_x, device=dev, amp=cfg.amp)[0], curve_y)
             history.append({"step": step, "epoch": step / steps_per_epoch, "val_acc": acc})

@@ -46,6 +46,7 @@ from capsbench.models import list_models
 from capsbench.profiles import get_profile
 from capsbench.runner import (
     MATCH_FAR_SUBSET,
+    MATCH_SEARCH_STEPS,
     NEAR_EVERY,
     NEAR_TARGET,
     PROTOCOLS,
@@ -321,7 +322,11 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
                     "checks so far would take to reach the target, if fewer (first on a class-stratified "
                     f"{MATCH_FAR_SUBSET}-digit subset, on the whole split once that subset is within "
                     f"{100 * NEAR_TARGET:g} points of the target), every {max(1, TrainConfig.match_eval_every // NEAR_EVERY)} "
-                    f"steps on the whole split once it is within {100 * NEAR_TARGET:g} points; matched if the "
+                    f"steps on the whole split once it is within {100 * NEAR_TARGET:g} points; a check past the "
+                    "target plus the tolerance sends training back to the previous check (model, optimiser and "
+                    "schedule kept in memory), which then replays the same batches with a check after every "
+                    f"step; where one step jumps past the band, checks go on after every step for up to "
+                    f"{MATCH_SEARCH_STEPS} steps and the stop is the first step inside it; matched if the "
                     f"accuracy at the stop is within {100 * prof.match_tolerance:g} point above the target"),
                 "amp": amp,
                 "epochs": epochs,

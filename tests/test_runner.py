@@ -88,19 +88,38 @@ def test_match_accuracy_stops_on_validation_and_checks_densely_near_the_target(d
     whole = {h["step"]: h["match_val_acc"] for h in res.history if "match_val_acc" in h}
     subset = {h["step"]: h["match_val_acc_subset"] for h in res.history if "match_val_acc_subset" in h}
     accs = [whole[k] for k in sorted(whole)]
-    assert accs[-1] >= 0.6 and all(a < 0.6 for a in accs[:-1])
+    first = next(i for i, a in enumerate(accs) if a >= 0.6)  # every check before the first crossing is below
+    assert accs[-1] >= 0.6 and all(a < 0.6 for a in accs[:first])
     assert res.match_val_accuracy == accs[-1]
     # far from the target a 1,000-digit subset is checked first; the whole split (which alone
     # decides a stop) once the subset is within a point of the target
     assert subset and all((k in whole) == (a >= 0.59) for k, a in subset.items())
     # every 2 steps once the whole split is within a point of the target; far from it every 20,
     # or after half the steps the steepest rise so far would take to the target (at least 2)
+    # a check past target + tolerance sends training back to the previous check, from which it
+    # replays with a check after every step (this steep LeNet overshoots at least once)
+    rewinds = [h for h in res.history if "match_rewind_from" in h]
+    assert rewinds and all(h["overshoot_val_acc"] > 0.601 and whole.get(h["step"], subset.get(h["step"])) < 0.6
+                           for h in rewinds)
+    replayed = {s for h in rewinds for s in range(h["step"], h["match_rewind_from"])}
+    # a step past the band reached in one update: checks after every step for up to 20 more, to the
+    # first one inside the band (this LeNet finds none and stops unmatched, 20 steps on)
+    crossed = min((s for s, a in whole.items() if s > rewinds[-1]["step"] and a >= 0.6), default=None)
+    assert crossed is not None and whole[crossed] > 0.601
+    searched = [s for s in sorted(whole) if s >= crossed]
+    assert searched == list(range(crossed, res.stopped_early_at + 1))
+    assert all(not 0.6 <= whole[s] <= 0.601 for s in searched[:-1])
+    assert 0.6 <= res.match_val_accuracy <= 0.601 or res.stopped_early_at == crossed + 20
+    replayed |= set(searched)
     steps = sorted(set(whole) | set(subset))
     acc_at = {**subset, **whole}
     max_slope = 0.0
     for i, (s0, s1) in enumerate(zip(steps, steps[1:], strict=False)):
         if i > 0 and acc_at[s0] > acc_at[steps[i - 1]]:
             max_slope = max(max_slope, (acc_at[s0] - acc_at[steps[i - 1]]) / (s0 - steps[i - 1]))
+        if s0 in replayed:
+            assert s1 - s0 == 1
+            continue
         if whole.get(s0, 0.0) >= 0.59:
             assert s1 - s0 == 2
             continue
@@ -141,3 +160,32 @@ def test_quick_profile_anneals_linearly_to_zero_and_smoke_keeps_the_paper_decay(
     assert get_profile("quick").lr_for("cnn_maxpool") == 5e-4 and get_profile("quick").lr_for("capsnet") == 1e-3
     # the recipe is part of the job key: another rate is another job
     assert TrainConfig(model="cnn_maxpool").key != TrainConfig(model="cnn_maxpool", lr=1e-3).key
+
+
+def test_train_state_restores_model_optimiser_and_schedule_in_place():
+    from capsbench.runner import _TrainState
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9 ** s)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+    step()
+    saved = _TrainState(model, opt, sched)
+    params = [p.data_ptr() for p in model.parameters()]
+    step()
+    after_one = {k: v.clone() for k, v in model.state_dict().items()}
+    step()
+    saved.restore(model, opt, sched)
+    assert [p.data_ptr() for p in model.parameters()] == params  # in place
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.9) and sched.last_epoch == 1
+    step()  # the replayed step lands where the first one did
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, after_one[k]), k
