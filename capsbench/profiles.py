@@ -98,11 +98,14 @@ PROFILES.add(
         lr_per_model={"cnn_maxpool": 5e-4, "cnn_strided": 5e-4},
         # a 40x40 input costs about 3-4 times a 28x28 one in the convolutions
         protocol_scale={"canvas40_jitter2": 0.4, "canvas40_random": 0.4},
-        # The quick budget stops the affNIST pair on a steep part of their learning curves
+        # The quick budget stops the affNIST pair on a steep, noisy part of their learning curves
         # (cnn_maxpool, seed 0, 40x40 canvas: 83.1% validation accuracy at step 200, 86.1% at
-        # 250), where checks every 5 steps still move by a few tenths of a point: matched within
-        # 0.5 point here, 0.1 point in the paper profile.
-        match_tolerance=0.005,
+        # 250). There a single CapsNet update moves validation accuracy by up to 1.4 points
+        # (seed 1: 83.74% at step 161, 85.14% at 162, and no step in [84.0, 84.5]% in the 20
+        # after it, 2026-12-05), so a band narrower than one update leaves matching to luck:
+        # matched within 1.5 points here (about three standard errors of a 5,000-digit
+        # validation accuracy at 84%, 0.52 point), 0.1 point in the paper profile.
+        match_tolerance=0.015,
     ),
 )
 PROFILES.add("paper", Profile("paper", epochs=50.0, eval_images=None, checkpoint_every=1000))
