@@ -1,25 +1,44 @@
 """capsbench: are Capsule Networks really more robust than CNNs? Measure it.
 
+The public API is imported on first use, so ``import capsbench`` (and ``capsbench --help``)
+does not load torch.
+
 Example:
     >>> import capsbench
     >>> "capsnet" in capsbench.list_models()
     True
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from capsbench.errors import CapsbenchError, ConfigError, DataError, TrainingError
-from capsbench.models import create_model, list_models
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_LAZY = {
+    "create_model": "capsbench.models.registry",
+    "list_models": "capsbench.models.registry",
+    "model_info": "capsbench.models.registry",
+    "register_model": "capsbench.models.registry",
+    "load_dataset": "capsbench.data.datasets",
+}
 
-def load_dataset(name: str, split: str, root=None):
-    """Load ``mnist`` or ``fashion_mnist`` (``train``/``test``) as uint8 tensors.
 
-    See :func:`capsbench.data.load_dataset`.
-    """
-    from capsbench.data import load_dataset as _load
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'capsbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-    return _load(name, split, root=root)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
@@ -27,8 +46,6 @@ __all__ = [
     "ConfigError",
     "DataError",
     "TrainingError",
-    "create_model",
-    "list_models",
-    "load_dataset",
     "__version__",
+    *_LAZY,
 ]

@@ -1,5 +1,5 @@
 import sys
 
-from capsbench.cli import main
+from capsbench.cli.main import main
 
 sys.exit(main())

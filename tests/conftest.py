@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsbench.data import DATASETS, resolve_data_root
+from capsbench.data.specs import DATASETS, resolve_data_root
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 Every case runs the real ``capsbench`` command: the data and output mistakes in a subprocess
 (so stray warnings or tracebacks on stderr are seen exactly as a user sees them; they run
 concurrently to keep this file quick), the name and number mistakes in-process through
-:func:`capsbench.cli.main`, which is what the console script calls. Damaged data files are
+:func:`capsbench.cli.main.main`, which is what the console script calls. Damaged data files are
 built from the real MNIST files under the data root; nothing is mocked.
 
 Each failing command points at an output folder that already holds a finished run and the
@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from capsbench.cli import main
-from capsbench.runner import TrainConfig
+from capsbench.cli.main import main
+from capsbench.train.config import TrainConfig
 
 # What a command that trains would use: the cheapest model and profile, so that a check that
 # regressed to "after training" costs seconds, not minutes.

@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
-from capsbench.cli import main
+from capsbench.cli.main import main
 
 
 def test_list_models_prints_parameter_counts(capsys):

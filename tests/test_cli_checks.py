@@ -1,7 +1,7 @@
 """CLI checks from a QA pass: damaged data files, what `data fetch` reports, data roots that
 are not folders, conflicting flags and ``--version``.
 
-Every case runs :func:`capsbench.cli.main` on real files: damaged data is a copy of the real
+Every case runs :func:`capsbench.cli.main.main` on real files: damaged data is a copy of the real
 MNIST files under a temporary data root, damaged there; downloads come from a local HTTP
 server (serving the real files) or a closed local port, so the tests behave the same with or
 without internet access.
@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 import capsbench
-from capsbench.cli import build_parser, main
-from capsbench.data import DATASETS, DataWarning, load_dataset
+from capsbench.cli.main import build_parser, main
+from capsbench.data.datasets import DataWarning, load_dataset
+from capsbench.data.specs import DATASETS
 from capsbench.errors import DataError
 
 TEST_LABELS = "t10k-labels-idx1-ubyte.gz"

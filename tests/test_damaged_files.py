@@ -11,10 +11,12 @@ import stat
 import pandas as pd
 import pytest
 
-from capsbench.cli import main
+from capsbench.cli.main import main
 from capsbench.errors import TrainingError
-from capsbench.runner import TrainConfig, load_finished, train
 from capsbench.store import archive_previous, atomic_write_text
+from capsbench.train.config import TrainConfig
+from capsbench.train.jobs import load_finished
+from capsbench.train.trainer import train
 
 CFG = TrainConfig(model="lenet5", profile="smoke", seed=0)
 

@@ -1,4 +1,4 @@
-"""Tests for capsbench.data: real MNIST/Fashion-MNIST files, damaged files, fetching, affNIST."""
+"""Tests for capsbench.data.datasets: real MNIST/Fashion-MNIST files, damaged files, fetching, affNIST."""
 
 from __future__ import annotations
 
@@ -20,22 +20,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capsbench import data
-from capsbench.data import (
-    DATASETS,
-    DataWarning,
+from capsbench.data import datasets
+from capsbench.data.affnist import (
     affnist_columns_to_images,
-    clear_cache,
-    data_checksums,
-    data_info,
-    fetch_dataset,
-    file_info,
     find_affnist,
     load_affnist_test,
-    load_dataset,
     read_affnist_mat,
-    read_idx,
-    resolve_data_root,
 )
+from capsbench.data.datasets import DataWarning, clear_cache, data_checksums, data_info, load_dataset
+from capsbench.data.fetch import fetch_dataset
+from capsbench.data.files import file_info
+from capsbench.data.idx import read_idx
+from capsbench.data.specs import DATASETS, resolve_data_root
 from capsbench.errors import ConfigError, DataError
 
 MNIST = DATASETS["mnist"]
@@ -73,7 +69,7 @@ def write(path: Path, content: bytes) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::capsbench.data.DataWarning")  # checked in its own test
+@pytest.mark.filterwarnings("ignore::capsbench.data.datasets.DataWarning")  # checked in its own test
 def test_mnist_train_real(data_root: Path) -> None:
     ds = load_dataset("mnist", "train", data_root)
     assert ds.images.shape == (60000, 28, 28) and ds.images.dtype == torch.uint8
@@ -115,7 +111,7 @@ def test_mnist_checksums_and_warning(data_root: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         # Drop only the loaded datasets, keeping the record of warnings already issued.
-        data._DATASET_CACHE.clear()
+        datasets._DATASET_CACHE.clear()
         load_dataset("mnist", "train", data_root)  # no second warning for the same file
     assert data_checksums("mnist", "test", data_root).keys() == set(MNIST.files["test"])
 

@@ -1,4 +1,4 @@
-"""The CPU convolutions of models/fft_conv.py against F.conv2d, and CapsNet's choice between them.
+"""The CPU convolutions of models/kernels/fft_conv.py against F.conv2d, and CapsNet's choice between them.
 
 The FFT convolution is exact in exact arithmetic (no approximation, no wrap-around at the
 valid positions); these tests hold it to float64 gradcheck and, in float32 at CapsNet's real
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from capsbench.models import create_model
-from capsbench.models.fft_conv import fft_conv2d, gemm_conv2d
+from capsbench.models.kernels.fft_conv import fft_conv2d, gemm_conv2d
 
 
 @pytest.mark.parametrize("H, W, K, stride", [(20, 20, 9, 2), (21, 20, 9, 2), (20, 17, 9, 1), (17, 16, 5, 3),
@@ -137,7 +137,7 @@ def test_auto_takes_the_fft_convolutions_on_cpus_in_float32_from_batch_32_traini
 
 
 def test_bad_capsbench_conv_is_one_error_line_before_a_command_starts(monkeypatch, capsys, tmp_path):
-    from capsbench.cli import main
+    from capsbench.cli.main import main
 
     monkeypatch.setenv("CAPSBENCH_CONV", "fast")
     rc = main(["train", "--model", "capsnet", "--device", "cpu", "--out", str(tmp_path / "out")])

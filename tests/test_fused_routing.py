@@ -1,5 +1,5 @@
 """The fused routing kernels against the literal Procedure 1: the Triton ones
-(capsbench/models/fused_routing.py) and the C++ ones for CPUs (capsbench/models/cpu_routing.py).
+(capsbench/models/kernels/fused_routing.py) and the C++ ones for CPUs (capsbench/models/kernels/cpu_routing.py).
 
 Without a GPU the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, which must
 be set before Triton compiles anything, hence a subprocess); the CUDA versions of these checks
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsbench.models import cpu_routing, create_model
+from capsbench.models import create_model
+from capsbench.models.kernels import cpu_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ import json, sys, torch
 sys.path.insert(0, "tests")
 from test_models import _literal_routing
 from capsbench.models import create_model
-from capsbench.models.fused_routing import fused_routing
+from capsbench.models.kernels.fused_routing import fused_routing
 
 def err(a, b):
     return (a - b).abs().max().item()
@@ -100,7 +101,7 @@ def test_routing_kernel_choices_and_errors(monkeypatch):
 
 def test_bad_tile_override_names_the_variable(monkeypatch):
     pytest.importorskip("triton")
-    from capsbench.models.fused_routing import _tiles
+    from capsbench.models.kernels.fused_routing import _tiles
 
     monkeypatch.setenv("CAPSBENCH_ROUTING_TILES", "16,16")
     with pytest.raises(ValueError, match=r"CAPSBENCH_ROUTING_TILES='16,16': expected 'BB,BK,warps\[,stages\]'"):
@@ -169,7 +170,7 @@ def test_capsnet_with_the_cpu_kernels_matches_the_plain_path(monkeypatch):
 
 _NO_COMPILER = r"""
 import sys, torch
-from capsbench.cli import main
+from capsbench.cli.main import main
 from capsbench.models import create_model
 if sys.argv[1] == "model":
     m = create_model("capsnet")
@@ -224,7 +225,7 @@ def test_a_damaged_cached_build_is_built_again(tmp_path):
     ({}, ["speed", "--routing", "triton", "--device", "cpu"], ["--routing triton", "need a CUDA device"]),
 ])
 def test_routing_choices_are_checked_before_a_command_starts(env, argv, needles, monkeypatch, capsys, tmp_path):
-    from capsbench.cli import main
+    from capsbench.cli.main import main
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -246,7 +247,7 @@ def _cuda() -> torch.device:
 def test_fused_routing_on_cuda_matches_the_literal_procedure(r):
     from test_models import _literal_routing
 
-    from capsbench.models.fused_routing import fused_routing
+    from capsbench.models.kernels.fused_routing import fused_routing
 
     dev = _cuda()
     torch.manual_seed(r)
@@ -284,7 +285,7 @@ def test_cached_builds_unused_for_a_month_are_deleted_by_the_next_build(tmp_path
     load refreshes its file's time, so builds in use (another CPU sharing the home) stay."""
     import time
 
-    from capsbench.models import cpu_routing
+    from capsbench.models.kernels import cpu_routing
 
     monkeypatch.setenv("CAPSBENCH_CACHE", str(tmp_path))
     old, recent = tmp_path / "cpu_routing-0000000000000000.so", tmp_path / "cpu_routing-1111111111111111.so"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from capsbench.cli import main
+from capsbench.cli.main import main
 from capsbench.store import environment_info
 
 # Allocates, touches and frees a 64 MiB tensor twelve times (as training steps do), then counts

@@ -7,7 +7,8 @@ import torch
 
 from capsbench import ConfigError, create_model, list_models
 from capsbench.models import count_parameters
-from capsbench.models.capsnet import CapsNet, dynamic_routing, squash
+from capsbench.models.capsnet import CapsNet, dynamic_routing
+from capsbench.models.routing import squash
 
 EXPECTED_PARAMS_28 = {
     "capsnet": 8_215_568,

@@ -1,4 +1,4 @@
-"""capsbench.profiler and ``capsbench profile``: FLOP counts against hand counts, the stage
+"""capsbench.perf.profiler and ``capsbench profile``: FLOP counts against hand counts, the stage
 split on synthetic events, and a tiny profile end to end (fast; fine with CAPSBENCH_THREADS=1).
 """
 
@@ -12,20 +12,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from capsbench.cli import main
+from capsbench.cli.main import main
 from capsbench.errors import ConfigError
 from capsbench.models import create_model
 from capsbench.models.capsnet import dynamic_routing
-from capsbench.profiler import (
-    ProfileRows,
-    count_flops,
-    format_table,
-    profile_models,
-    routing_flops,
-    routing_flops_for,
-    split_stage_times,
-    write_profile,
-)
+from capsbench.perf.flops import count_flops, routing_flops, routing_flops_for
+from capsbench.perf.profiler import ProfileRows, format_table, profile_models, write_profile
+from capsbench.perf.stages import split_stage_times
 
 # --------------------------------------------------------------------------- FLOPs
 

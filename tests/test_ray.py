@@ -10,8 +10,8 @@ import pytest
 import ray
 import torch
 
-from capsbench.executors import eval_batches
-from capsbench.suite_runner import run_suite
+from capsbench.evaluate.executors import eval_batches
+from capsbench.evaluate.run import run_suite
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_a_cell_stays_in_the_batch_of_the_cell_it_is_compared_with():
     assert batches == [cells]  # every part-shuffle cell is compared with "clean"
     # with "clean" already done (read back from disk), the rest split freely
     assert eval_batches("part_shuffle", cells[1:], size=2) == [cells[1:3], cells[3:5]]
-    from capsbench.suites import get_suite
+    from capsbench.suites.base import get_suite
 
     rot = [c.name for c in get_suite("rotation").cells]  # 25 cells, no references
     assert [len(b) for b in eval_batches("rotation", rot, size=8)] == [8, 8, 8, 1]

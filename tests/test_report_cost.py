@@ -13,7 +13,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from capsbench import report
-from capsbench.profiler import profile_models, write_profile
+from capsbench.perf.profiler import profile_models, write_profile
 
 COST_FIGURES = ("cost_throughput", "cost_routing", "cost_stages", "cost_achieved")
 

@@ -18,9 +18,11 @@ import pandas as pd
 import pytest
 import torch
 
+from capsbench.evaluate.run import run_suite
 from capsbench.locks import DirLock, LockedError, remove_partial_files
-from capsbench.runner import TrainConfig, set_deterministic, train, train_with_retry
-from capsbench.suite_runner import run_suite
+from capsbench.train.config import TrainConfig
+from capsbench.train.device import set_deterministic
+from capsbench.train.trainer import train, train_with_retry
 
 ENV = {**os.environ, "CAPSBENCH_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 

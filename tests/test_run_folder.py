@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from capsbench.cli import main
+from capsbench.cli.main import main
 from capsbench.errors import ConfigError
-from capsbench.runner import TrainConfig
-from capsbench.suite_runner import _load_rows, run_suite
+from capsbench.evaluate.run import _load_rows, run_suite
+from capsbench.train.config import TrainConfig
 
 
 def _run(out: Path, data_root: Path, suite: str = "part_shuffle", log=None, **kw) -> Path:

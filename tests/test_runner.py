@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from capsbench.errors import ConfigError, TrainingError
-from capsbench.runner import TrainConfig, evaluate_clean, train
+from capsbench.train.config import TrainConfig
+from capsbench.train.jobs import evaluate_clean
+from capsbench.train.trainer import train
 
 
 def test_lenet5_learns_real_mnist(data_root, tmp_path):
@@ -125,7 +127,7 @@ def test_match_accuracy_stops_on_validation_and_checks_densely_near_the_target(d
             continue
         expect = int(min(20, max(2, (0.6 - acc_at[s0]) / max_slope / 2))) if max_slope > 0 else 20
         assert s1 - s0 == expect, (s0, s1, expect)
-    from capsbench.runner import matched
+    from capsbench.train.matching import matched
 
     assert matched(0.6, res.match_val_accuracy, res.stopped_early_at) == (res.match_val_accuracy <= 0.601)
     assert not matched(0.6, 0.6, None) and not matched(0.6, 0.61, 100)
@@ -138,7 +140,7 @@ def test_match_target_outside_the_open_interval_is_refused(target, needle):
 
 
 def test_match_target_the_validation_split_cannot_resolve_is_refused():
-    from capsbench.runner import check_match_target
+    from capsbench.train.matching import check_match_target
 
     check_match_target(0.992, n_val=5000)
     with pytest.raises(ConfigError, match="too small to resolve"):
@@ -146,7 +148,7 @@ def test_match_target_the_validation_split_cannot_resolve_is_refused():
 
 
 def test_quick_profile_anneals_linearly_to_zero_and_smoke_keeps_the_paper_decay(data_root, tmp_path):
-    from capsbench.profiles import get_profile
+    from capsbench.train.profiles import get_profile
 
     quick = TrainConfig(model="lenet5", profile="quick", steps=20, batch_size=16, train_limit=320)
     res = train(quick, out=tmp_path, data_root=data_root, device="cpu", progress=False)
@@ -163,7 +165,7 @@ def test_quick_profile_anneals_linearly_to_zero_and_smoke_keeps_the_paper_decay(
 
 
 def test_train_state_restores_model_optimiser_and_schedule_in_place():
-    from capsbench.runner import _TrainState
+    from capsbench.train.trainer import _TrainState
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))

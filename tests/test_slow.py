@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from capsbench.runner import TrainConfig, evaluate_clean, train
+from capsbench.train.config import TrainConfig
+from capsbench.train.jobs import evaluate_clean
+from capsbench.train.trainer import train
 
 BARS = {"capsnet": 0.985, "cnn_maxpool": 0.985, "lenet5": 0.975, "efficientnet_b0": 0.95}
 

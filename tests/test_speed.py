@@ -11,8 +11,10 @@ from test_models import _literal_routing
 from capsbench.errors import ConfigError
 from capsbench.models import create_model
 from capsbench.models.capsnet import dynamic_routing
-from capsbench.runner import SpeedOptions, TrainConfig, build_step, make_optimizer, train
-from capsbench.speed import parse_variant, run_speed
+from capsbench.perf.speed import parse_variant, run_speed
+from capsbench.train.config import TrainConfig
+from capsbench.train.device import SpeedOptions
+from capsbench.train.trainer import build_step, make_optimizer, train
 
 
 def _cuda() -> torch.device:
@@ -160,7 +162,7 @@ def test_cuda_graph_training_follows_the_eager_job(tmp_path, data_root):
 def test_a_suite_runs_with_speed_options_and_records_them(tmp_path, data_root):
     import json
 
-    from capsbench.suite_runner import run_suite
+    from capsbench.evaluate.run import run_suite
 
     run_dir = run_suite("part_shuffle", models=["lenet5"], profile="smoke", device="cpu", out=tmp_path,
                         data_root=data_root, progress=False, log=lambda m: None,
@@ -174,7 +176,7 @@ def test_a_suite_runs_with_speed_options_and_records_them(tmp_path, data_root):
 
 
 def test_channels_last_is_on_by_default_on_cpus_only_where_a_model_asks_for_it():
-    from capsbench.runner import channels_last_for
+    from capsbench.train.device import channels_last_for
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for name, on_cpu in (("efficientnet_b0", True), ("lenet5", True), ("cnn_maxpool", False), ("capsnet", False)):
@@ -192,8 +194,9 @@ def test_the_default_memory_format_trains_and_predicts_the_same_model(tmp_path, 
     the CPU is NHWC again."""
     import json
 
-    from capsbench.data import ensure_dataset
-    from capsbench.runner import _in_channels_last, load_finished, predict, to_float
+    from capsbench.data.fetch import ensure_dataset
+    from capsbench.train.device import _in_channels_last, predict, to_float
+    from capsbench.train.jobs import load_finished
 
     cfg = TrainConfig(model="lenet5", steps=5, batch_size=32, train_limit=640, seed=3)
     kw = dict(data_root=data_root, device="cpu", progress=False, log=lambda m: None)

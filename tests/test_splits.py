@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 
 import pytest
 import torch
 
-from capsbench import data as data_mod
-from capsbench.data import ensure_dataset
-from capsbench.errors import DataError
-from capsbench.splits import (
+from capsbench.data import datasets as data_mod
+from capsbench.data.fetch import ensure_dataset
+from capsbench.data.splits import (
     VALIDATION_SIZE,
     describe,
     eval_subset,
@@ -19,6 +19,7 @@ from capsbench.splits import (
     stratified_sample,
     validation_split,
 )
+from capsbench.errors import DataError
 
 
 def test_validation_split_is_stratified_disjoint_and_fixed(data_root):
@@ -60,7 +61,8 @@ def test_other_seed_other_sample_and_bad_sizes():
 
 
 def _record_test_reads(monkeypatch) -> list[list[str]]:
-    """Patch the data loader to record the call stack (function names) of every test-split read."""
+    """Patch the data loader, wherever a capsbench module holds it, to record the call stack
+    (function names) of every test-split read."""
     reads: list[list[str]] = []
     real = data_mod.load_dataset
 
@@ -69,7 +71,11 @@ def _record_test_reads(monkeypatch) -> list[list[str]]:
             reads.append([f.function for f in inspect.stack()[1:40]])
         return real(name, split, root)
 
-    monkeypatch.setattr(data_mod, "load_dataset", spy)
+    holders = [m for n, m in list(sys.modules.items())
+               if n.startswith("capsbench") and getattr(m, "load_dataset", None) is real]
+    assert data_mod in holders
+    for m in holders:
+        monkeypatch.setattr(m, "load_dataset", spy)
     return reads
 
 
@@ -77,7 +83,9 @@ TRAINING_FRAMES = {"train", "_train_locked", "train_with_retry", "train_job", "_
 
 
 def test_training_and_matching_never_read_test_data(data_root, tmp_path, monkeypatch):
-    from capsbench.runner import SpeedOptions, TrainConfig, train
+    from capsbench.train.config import TrainConfig
+    from capsbench.train.device import SpeedOptions
+    from capsbench.train.trainer import train
 
     reads = _record_test_reads(monkeypatch)
     cfg = TrainConfig(model="lenet5", profile="smoke", steps=40, batch_size=32, train_limit=640,
@@ -91,7 +99,7 @@ def test_training_and_matching_never_read_test_data(data_root, tmp_path, monkeyp
 
 
 def test_a_suite_run_reads_test_data_only_to_score_cells(data_root, tmp_path, monkeypatch):
-    from capsbench.suite_runner import run_suite
+    from capsbench.evaluate.run import run_suite
 
     reads = _record_test_reads(monkeypatch)
     run_dir = run_suite("affnist", models=["lenet5"], seeds=1, profile="smoke", device="cpu", out=tmp_path,
@@ -107,8 +115,10 @@ def test_a_suite_run_reads_test_data_only_to_score_cells(data_root, tmp_path, mo
     # scoring a cell again from the record alone: the rows' accuracy from the indices in run.json
     import pandas as pd
 
-    from capsbench.runner import TrainConfig, load_finished, predict, to_float
-    from capsbench.transforms import random_place
+    from capsbench.data.transforms import random_place
+    from capsbench.train.config import TrainConfig
+    from capsbench.train.device import predict, to_float
+    from capsbench.train.jobs import load_finished
 
     rows = pd.read_csv(run_dir / "results.csv")
     acc = rows[(rows["cell"] == "expanded_mnist") & (rows["metric"] == "accuracy")]["value"].item()
@@ -116,7 +126,7 @@ def test_a_suite_run_reads_test_data_only_to_score_cells(data_root, tmp_path, mo
     model = load_finished(TrainConfig(**job["trained_config"]), tmp_path, "cpu").model
     test = ensure_dataset("mnist", root=data_root, split="test")
     idx = torch.tensor(ev["indices"])
-    from capsbench.suites import cell_generator, get_suite
+    from capsbench.suites.base import cell_generator, get_suite
 
     x = random_place(to_float(test.images[idx]), 40, cell_generator(get_suite("affnist").name, "expanded_mnist"))
     again = (predict(model, x)[0].argmax(1) == test.labels[idx]).float().mean().item()

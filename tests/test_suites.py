@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from capsbench.cli import main
-from capsbench.runner import TrainConfig, evaluate_clean, train
-from capsbench.suites import ROTATION_ANGLES, get_suite, list_suites
+from capsbench.cli.main import main
+from capsbench.suites.base import ROTATION_ANGLES, get_suite, list_suites
+from capsbench.train.config import TrainConfig
+from capsbench.train.jobs import evaluate_clean
+from capsbench.train.trainer import train
 
 MODELS = ["capsnet", "lenet5", "cnn_maxpool", "efficientnet_b0"]
 
@@ -112,8 +114,8 @@ def test_unknown_suite_and_model_are_clear_errors(tmp_path, data_root, capsys):
 
 
 def test_a_failing_cell_becomes_an_error_row_and_the_run_goes_on(tmp_path, data_root):
-    from capsbench.suite_runner import evaluate_cells
-    from capsbench.suites import Cell, Suite
+    from capsbench.evaluate.cells import evaluate_cells
+    from capsbench.suites.base import Cell, Suite
 
     def broken(x, y, g):
         raise RuntimeError("this transform is broken")
@@ -122,8 +124,8 @@ def test_a_failing_cell_becomes_an_error_row_and_the_run_goes_on(tmp_path, data_
                   (Cell("bad", "x", {}, broken), Cell("good", "none", {}, lambda x, y, g: x)))
     res = train(TrainConfig(model="lenet5", steps=5, batch_size=16, train_limit=64), out=tmp_path,
                 data_root=data_root, device="cpu", progress=False)
-    from capsbench.data import load_dataset
-    from capsbench.runner import to_float
+    from capsbench.data.datasets import load_dataset
+    from capsbench.train.device import to_float
 
     test = load_dataset("mnist", "test", data_root)
     rows = evaluate_cells(suite, res, suite.cells, to_float(test.images[:50]), test.labels[:50], tmp_path,

@@ -1,4 +1,4 @@
-"""Tests for capsbench.transforms on synthetic digit-like images (no dataset needed)."""
+"""Tests for capsbench.data.transforms on synthetic digit-like images (no dataset needed)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from capsbench import transforms as T
+from capsbench.data import mnistc
+from capsbench.data import transforms as T
 from capsbench.errors import ConfigError
 
 FAST = settings(max_examples=25, deadline=None)
@@ -97,10 +98,10 @@ ALL_FUNCTIONS = {
     "part_shuffle": lambda x: T.part_shuffle(x, 2, gen()),
     "tile_swap": lambda x: T.tile_swap(x, 2, gen()),
     "affnist_like": lambda x: T.affnist_like(x, gen()),
-    "mnistc_shear": lambda x: T.mnistc_shear(x, generator=gen()),
-    "mnistc_rotate": lambda x: T.mnistc_rotate(x, generator=gen()),
-    "mnistc_scale": lambda x: T.mnistc_scale(x),
-    "mnistc_translate": lambda x: T.mnistc_translate(x, generator=gen()),
+    "mnistc_shear": lambda x: mnistc.mnistc_shear(x, generator=gen()),
+    "mnistc_rotate": lambda x: mnistc.mnistc_rotate(x, generator=gen()),
+    "mnistc_scale": lambda x: mnistc.mnistc_scale(x),
+    "mnistc_translate": lambda x: mnistc.mnistc_translate(x, generator=gen()),
 }
 
 
@@ -135,7 +136,7 @@ def test_non_tensor_and_wrong_generator_are_type_errors():
     with pytest.raises(TypeError, match="Generator"):
         T.random_shift(digits(2), 2, 0)
     with pytest.raises(TypeError, match="Generator"):
-        T.mnistc_rotate(digits(2))
+        mnistc.mnistc_rotate(digits(2))
 
 
 # --------------------------------------------------------------------------- rotate / affine
@@ -380,9 +381,9 @@ RANDOM_FUNCTIONS = {
     "part_shuffle": lambda x, g: T.part_shuffle(x, 4, g),
     "tile_swap": lambda x, g: T.tile_swap(x, 4, g),
     "affnist_like": lambda x, g: T.affnist_like(x, g),
-    "mnistc_shear": lambda x, g: T.mnistc_shear(x, 2, g),
-    "mnistc_rotate": lambda x, g: T.mnistc_rotate(x, 2, g),
-    "mnistc_translate": lambda x, g: T.mnistc_translate(x, 3, g),
+    "mnistc_shear": lambda x, g: mnistc.mnistc_shear(x, 2, g),
+    "mnistc_rotate": lambda x, g: mnistc.mnistc_rotate(x, 2, g),
+    "mnistc_translate": lambda x, g: mnistc.mnistc_translate(x, 3, g),
 }
 
 
@@ -490,9 +491,9 @@ def mnistc_maps(name: str, severity: int) -> list[tuple[np.ndarray, np.ndarray]]
 @pytest.mark.parametrize("name", ["shear", "rotate", "scale", "translate"])
 @pytest.mark.parametrize("severity", [None, 5])
 def test_mnistc_matches_the_reference_warp(name, severity):
-    sev = T.MNISTC_DEFAULT_SEVERITY[name] if severity is None else severity
+    sev = mnistc.MNISTC_DEFAULT_SEVERITY[name] if severity is None else severity
     x = digits(8, seed=11)
-    out = T.MNISTC_AFFINE[name](x, sev, gen(1)).numpy()
+    out = mnistc.MNISTC_AFFINE[name](x, sev, gen(1)).numpy()
     seen = set()
     for b in range(8):
         errs = [
@@ -506,10 +507,10 @@ def test_mnistc_matches_the_reference_warp(name, severity):
 
 
 def test_mnistc_defaults_and_severity_check():
-    assert T.MNISTC_DEFAULT_SEVERITY == {"shear": 2, "rotate": 2, "scale": 3, "translate": 3}
+    assert mnistc.MNISTC_DEFAULT_SEVERITY == {"shear": 2, "rotate": 2, "scale": 3, "translate": 3}
     x = digits(2)
-    torch.testing.assert_close(T.mnistc_scale(x), T.affine(x, scale=0.7))
-    for fn in T.MNISTC_AFFINE.values():
+    torch.testing.assert_close(mnistc.mnistc_scale(x), T.affine(x, scale=0.7))
+    for fn in mnistc.MNISTC_AFFINE.values():
         with pytest.raises(ConfigError, match="severity"):
             fn(x, 6, gen())
 

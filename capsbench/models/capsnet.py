@@ -43,16 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsbench.models import cpu_routing
-from capsbench.models import fused_routing as fused_routing_module
 from capsbench.models.base import Classifier, ModelOutput, env_choice, mark
-from capsbench.models.fft_conv import check_conv_impl, fft_conv2d, gemm_conv2d, wants_fft
+from capsbench.models.kernels import cpu_routing
+from capsbench.models.kernels import fused_routing as fused_routing_module
+from capsbench.models.kernels.fft_conv import check_conv_impl, fft_conv2d, gemm_conv2d, wants_fft
 from capsbench.models.registry import register_model
+from capsbench.models.routing import SQUASH_EPS, route_backward_terms, route_passes, squash
 
-SQUASH_EPS = 1e-7
 # How DigitCaps routes: "torch" writes u_hat and routes with batched matmuls (any device);
 # "triton" and "cpp" never write u_hat: fused kernels that recompute it, Triton ones for CUDA
-# (models/fused_routing.py) and C++ ones for CPUs (models/cpu_routing.py, compiled on first use).
+# (models/kernels/fused_routing.py) and C++ ones for CPUs (models/kernels/cpu_routing.py, compiled on first use).
 # "auto" is "cpp" on CPUs in float32/float64 where the C++ library builds, faster at every batch
 # size measured on the 2-core build machine (u_hat + routing forward and backward: batch 1
 # 2.2 vs 4.3 ms, batch 8 5.9 vs 10.3, batch 32 16-17 vs 33-36, batch 100 49-56 vs 89-101 ms),
@@ -62,87 +62,18 @@ SQUASH_EPS = 1e-7
 ROUTING_KERNELS = ("auto", "torch", "triton", "cpp")
 # How the two convolutions run: "direct" is F.conv2d (oneDNN / cuDNN); "fft" runs PrimaryCaps
 # as per-frequency matrix products (a third of the arithmetic) and Conv1 as one im2col GEMM
-# (models/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" on CPUs in
+# (models/kernels/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" on CPUs in
 # float32 without autocast, on inputs up to FFT_CONV_MAX_INPUT pixels a side (MNIST's 28x28),
 # from batch FFT_CONV_MIN_BATCH in training steps and FFT_CONV_MIN_INFER_BATCH in inference,
 # where it measured faster (README, Speed). Its weight transform costs the same at any batch
 # size; on the 2-core build machine: training at batch 16 both paths ran at 55 images/s, at 32
 # fft 87 vs direct 56, at 100 143 vs 64; inference at batch 48-64 they tie (~310 images/s), at
-# 100 fft 372-397 vs 283-319, at 500 (runner.predict) 414-457 vs 308-321. "direct" everywhere
+# 100 fft 372-397 vs 283-319, at 500 (train.device.predict) 414-457 vs 308-321. "direct" everywhere
 # else (GPUs, autocast, small batches, affNIST's 40x40). The environment variable
 # CAPSBENCH_CONV overrides "auto" (CONV_IMPLS, fft_conv.wants_fft).
 FFT_CONV_MAX_INPUT = 28
 FFT_CONV_MIN_BATCH = 32
 FFT_CONV_MIN_INFER_BATCH = 100
-
-
-def squash(s: torch.Tensor, dim: int = -1, eps: float = SQUASH_EPS) -> torch.Tensor:
-    """Paper eq. 1: shrink short vectors towards 0 and long ones to just below unit length.
-
-    Example:
-        >>> squash(torch.zeros(2, 16)).abs().sum().item()
-        0.0
-    """
-    sq = (s * s).sum(dim=dim, keepdim=True)
-    # sq / (1 + sq) / sqrt(sq + eps) as one factor: one broadcast multiply over s.
-    return s * (sq / ((1.0 + sq) * torch.sqrt(sq + eps)))
-
-
-def route_passes(wsum, agree, iterations: int):
-    """Forward recursion of routing, given its two contractions with u_hat (B, J, n_in, D).
-
-    ``wsum(c)``: sum_i c[b, j, i] u_hat[b, j, i, :] -> (B, J, D), with c = None for the uniform
-    couplings 1/J; ``agree(x)``: u_hat[b, j, i, :] . x[b, j, :] -> (B, J, n_in). The plain path
-    passes batched matmuls over a stored u_hat, the fused one kernels that recompute it.
-    Returns v and what :func:`route_backward_terms` needs (every s, v and coupling c).
-    """
-    s = wsum(None)  # iteration 0: b = 0, so every coupling is 1/J
-    v = squash(s)
-    ss, vs, cs = [s], [v], [None]
-    b = None
-    for _ in range(1, iterations):
-        a = agree(v)  # (B, J, n_in)
-        b = a if b is None else b + a
-        c = b.softmax(dim=1)  # over the outputs j: each input's couplings sum to 1
-        s = wsum(c)
-        v = squash(s)
-        ss.append(s)
-        vs.append(v)
-        cs.append(c)
-    return v, ss, vs, cs
-
-
-def route_backward_terms(grad_v, ss, vs, cs, wsum, agree, uniform: torch.Tensor):
-    """Backward of :func:`route_passes`: d loss / d u_hat = sum_t alphas[t] (x) betas[t].
-
-    alphas[t] (B, J, n_in) and betas[t] (B, J, D), 2r - 1 terms; ``uniform`` is the (B, J, n_in)
-    tensor of 1/J (the first iteration's couplings). The small per-iteration tensors (squash,
-    softmax) are differentiated exactly; the contractions with u_hat go through wsum / agree.
-    """
-    r = len(ss)
-    alphas, betas = [], []
-    g_b = None  # gradient w.r.t. b_{t+1} (equal to that w.r.t. the agreement a_t)
-    for t in range(r - 1, -1, -1):
-        if t == r - 1:
-            g_v = grad_v
-        else:
-            g_v = wsum(g_b)  # (B, J, D)
-            alphas.append(g_b)
-            betas.append(vs[t])
-        with torch.enable_grad():
-            s_t = ss[t].detach().requires_grad_()
-            (g_s,) = torch.autograd.grad(squash(s_t), s_t, g_v)
-        if t == 0:
-            alphas.append(uniform)
-            betas.append(g_s)
-            break
-        c = cs[t]
-        alphas.append(c)
-        betas.append(g_s)
-        g_c = agree(g_s)  # (B, J, n_in)
-        g_soft = c * (g_c - (g_c * c).sum(dim=1, keepdim=True))  # softmax over J
-        g_b = g_soft if g_b is None else g_b + g_soft
-    return alphas, betas
 
 
 def _plain_contractions(u_hat: torch.Tensor):

@@ -1,4 +1,5 @@
-"""One registry for every model: capsule models here, CNN baselines from ``baselines/``."""
+"""One registry for every model. The package (``capsbench.models``) imports the modules that fill it:
+capsule models (``capsnet.py``) and CNN baselines (``baselines/``)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,6 @@ def register_model(name: str, **meta: Any):
     return MODELS.register(name, **meta)
 
 
-def _ensure_loaded() -> None:
-    # The baselines live in a top-level package of their own; importing it registers them.
-    # Imported lazily so `capsbench.models` has no import cycle with `baselines`.
-    import baselines  # noqa: F401
-    import capsbench.models.capsnet  # noqa: F401
-
-
 def create_model(name: str, **kw: Any) -> nn.Module:
     """Build a registered model. Keyword arguments that are None are dropped, so unset CLI
     flags fall back to the model's defaults.
@@ -32,7 +26,6 @@ def create_model(name: str, **kw: Any) -> nn.Module:
         >>> sum(p.numel() for p in m.parameters())
         61706
     """
-    _ensure_loaded()
     factory = MODELS.get(name)
     model = factory(**{k: v for k, v in kw.items() if v is not None})
     model.model_name = name
@@ -40,10 +33,8 @@ def create_model(name: str, **kw: Any) -> nn.Module:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    _ensure_loaded()
     return MODELS.names(pattern)
 
 
 def model_info(name: str) -> dict[str, Any]:
-    _ensure_loaded()
     return MODELS.meta(name)

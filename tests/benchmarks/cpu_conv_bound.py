@@ -3,7 +3,7 @@
 Times, at batch 100 in float32 with the process's torch threads: the 9x9 stride-2 256 -> 256
 PrimaryCaps convolution forward, its forward + backward (input and weight gradients, as in
 training), the same as unfold + matmul, a large sgemm of the same inner size, and the same
-convolution through the DFT (capsbench/models/fft_conv.py, what CapsNet's CPU training steps use),
+convolution through the DFT (capsbench/models/kernels/fft_conv.py, what CapsNet's CPU training steps use),
 and prints the images/s ceiling each puts on a training step. Like the CLI, it first applies
 capsbench/malloc.py's settings (``--system-malloc`` leaves glibc's defaults), and it gives the
 DFT convolution its input in the (H, W, B, C) memory layout that CapsNet's Conv1 GEMM writes.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from capsbench.malloc import keep_freed_memory
-from capsbench.models.fft_conv import fft_conv2d
+from capsbench.models.kernels.fft_conv import fft_conv2d
 
 
 def best(fn, n: int = 5) -> float:

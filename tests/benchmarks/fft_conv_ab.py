@@ -1,6 +1,6 @@
 """A/B timing of the DFT convolution: this checkout's fft_conv2d against another commit's.
 
-Loads ``capsbench/models/fft_conv.py`` as it was at ``--rev`` (``git show``), then alternates
+Loads ``capsbench/models/kernels/fft_conv.py`` as it was at ``--rev`` (``git show``), then alternates
 forward and forward + backward of both at CapsNet's PrimaryCaps shapes (256 -> 256 channels,
 9x9, stride 2, 20x20 map; input in the (H, W, B, C) layout Conv1 writes) in one process, so
 both see the same machine state, and prints median and lower-quartile times. Run it from the
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from capsbench.malloc import keep_freed_memory
-from capsbench.models.fft_conv import fft_conv2d
+from capsbench.models.kernels.fft_conv import fft_conv2d
 
 
 def load_at(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:capsbench/models/fft_conv.py"], capture_output=True,
+    source = subprocess.run(["git", "show", f"{rev}:capsbench/models/kernels/fft_conv.py"], capture_output=True,
                             text=True, check=True).stdout
     path = Path(tempfile.mkdtemp()) / "fft_conv_at_rev.py"
     path.write_text(source)
@@ -46,7 +46,7 @@ def main() -> None:
     try:
         other = load_at(args.rev)
     except subprocess.CalledProcessError as e:
-        sys.exit(f"fft_conv_ab: cannot read capsbench/models/fft_conv.py at {args.rev!r}: {e.stderr.strip()}")
+        sys.exit(f"fft_conv_ab: cannot read capsbench/models/kernels/fft_conv.py at {args.rev!r}: {e.stderr.strip()}")
     B = args.batch
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20, 20, B, 256, generator=g).permute(2, 3, 0, 1).requires_grad_()

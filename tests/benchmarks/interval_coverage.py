@@ -1,5 +1,5 @@
 """Coverage of the claim interval in simulated null data: the current rule
-(``capsbench.report.compare_paired``, two-way random effects) against the rule it replaced
+(``capsbench.report.stats.compare_paired``, two-way random effects) against the rule it replaced
 (image bootstrap of seed-averaged differences plus each model's seed variance / S, which
 counts the image x seed interaction twice; computed here with the bootstrap's analytic
 variance). Prints a Markdown table for docs/methods.md.
@@ -14,6 +14,7 @@ import argparse
 import numpy as np
 
 from capsbench import report
+from capsbench.report import stats as report_stats
 
 
 def replaced_rule_covers(a: np.ndarray, b: np.ndarray) -> bool:
@@ -27,7 +28,7 @@ def replaced_rule_covers(a: np.ndarray, b: np.ndarray) -> bool:
     total = var_img + sum(parts)
     denom = sum(p * p for p in parts) / (s - 1)
     df = total * total / denom if denom > 0 else float("inf")
-    return abs(float(d.mean())) <= report._t_quantile(df) * np.sqrt(total)
+    return abs(float(d.mean())) <= report_stats._t_quantile(df) * np.sqrt(total)
 
 
 def experiment(rng, n: int, seeds: int, cells: int, sd_seed: float) -> tuple[bool, bool]:

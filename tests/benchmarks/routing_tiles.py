@@ -13,9 +13,10 @@ import os
 
 import torch
 
-from capsbench.models.capsnet import dynamic_routing, squash
-from capsbench.models.fused_routing import fused_routing
-from capsbench.profiler import time_fn
+from capsbench.models.capsnet import dynamic_routing
+from capsbench.models.kernels.fused_routing import fused_routing
+from capsbench.models.routing import squash
+from capsbench.perf.timing import time_fn
 
 CONFIGS = ["16,64,4,1", "16,64,4,2", "32,64,8,2", "32,32,4,2", "32,128,8,2", "16,32,4,2"]
 

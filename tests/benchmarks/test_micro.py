@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from capsbench.models import create_model
-from capsbench.models.capsnet import dynamic_routing, squash
-from capsbench.profiler import make_train_step
+from capsbench.models.capsnet import dynamic_routing
+from capsbench.models.routing import squash
+from capsbench.perf.timing import make_train_step
 
 
 def _gen(seed: int = 0) -> torch.Generator:

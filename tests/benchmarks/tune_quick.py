@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 
-from capsbench.data import ensure_dataset
-from capsbench.profiles import get_profile
-from capsbench.runner import PROTOCOLS, TrainConfig, accuracy, predict, to_float, train
-from capsbench.splits import validation_split
+from capsbench.data.fetch import ensure_dataset
+from capsbench.data.splits import validation_split
+from capsbench.train.config import TrainConfig
+from capsbench.train.device import accuracy, predict, to_float
+from capsbench.train.profiles import get_profile
+from capsbench.train.protocols import PROTOCOLS
+from capsbench.train.trainer import train
 
 
 def main() -> None:

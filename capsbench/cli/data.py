@@ -1,0 +1,88 @@
+"""The ``capsbench list`` and ``capsbench data`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "models":
+        from capsbench.models import count_parameters, create_model, list_models, model_info
+
+        print(f"{'name':<18} {'family':<8} {'params@28':>12} {'params@40':>12}  default input  source")
+        for name in list_models():
+            meta = model_info(name)
+            p28 = count_parameters(create_model(name, input_size=28))
+            p40 = count_parameters(create_model(name, input_size=40))
+            print(f"{name:<18} {meta.get('family', '?'):<8} {p28:>12,} {p40:>12,}  28x28          {meta.get('paper', '')}")
+    elif args.what == "profiles":
+        from capsbench.train.profiles import PROFILES
+
+        for name in PROFILES:
+            p = PROFILES.get(name)
+            sched = "linear to 0" if p.lr_schedule == "linear" else "x0.96 per 2,000 steps"
+            lrs = f"{p.lr:g}" + "".join(f", {m} {v:g}" for m, v in p.lr_per_model.items())
+            print(f"{name:<8} batch {p.batch_size}, Adam lr {lrs} ({sched}), eval images per cell "
+                  f"{p.eval_images or 'all'}, steps {p.steps or f'{p.epochs:g} epochs'}")
+    elif args.what == "protocols":
+        from capsbench.train.protocols import PROTOCOLS
+
+        for name in PROTOCOLS:
+            print(f"{name:<18} {PROTOCOLS.get(name).description}")
+    elif args.what == "suites":
+        from capsbench.suites.base import get_suite, list_suites
+
+        for name in list_suites():
+            s = get_suite(name)
+            print(f"{name:<18} train {s.dataset}:{s.protocol}, {len(s.cells)} cells: {s.description}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from capsbench import data
+
+    root = data.resolve_data_root(args.data_root)
+    if args.action == "info":
+        print(f"data root: {root}")
+        damaged: dict[str, int] = {}
+        for row in data.data_info(args.data_root):
+            where = f"  {row['dataset']:<14} {row.get('split', ''):<5} {row['file']:<28}"
+            if not row.get("present"):
+                print(f"{where} missing")
+            elif row.get("status") == "damaged":
+                print(f"{where} damaged: {row.get('problem')}")
+                damaged[row["dataset"]] = damaged.get(row["dataset"], 0) + 1
+            else:
+                print(f"{where} {row.get('status', ''):<16} "
+                      f"sha256 {str(row.get('sha256', ''))[:16]}  md5 {row.get('md5', '')}")
+        given = f" --data-root {shlex.quote(args.data_root)}" if args.data_root else ""
+        for name, n in damaged.items():
+            print(f"{name}: {n} damaged file(s); copy good ones in their place, or run "
+                  f"'capsbench data fetch {name}{given}' when online to replace them")
+        return 0
+    names = [args.name] if args.name else ["mnist", "fashion_mnist"]
+    for name in names:
+        got = len(data.fetch_dataset(name, args.data_root))
+        total = len(data.DATASETS[name].filenames())
+        print(f"{name}: {total} files present under {root} ({got} downloaded now, {total - got} already there)")
+    return 0
+
+
+def add_commands(sub, add_common) -> None:
+    """Add ``list`` and ``data`` to the ``capsbench`` subcommands."""
+    pl = sub.add_parser("list", help="list models, suites, profiles or training protocols")
+    pl.add_argument("what", choices=["models", "suites", "profiles", "protocols"])
+    pl.set_defaults(func=cmd_list)
+
+    pd_ = sub.add_parser("data", help="inspect or download data sets")
+    dsub = pd_.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pi = dsub.add_parser("info", help="list the data files found under the data root")
+    pi.add_argument("--data-root", default=None)
+    pi.set_defaults(func=cmd_data)
+    pf = dsub.add_parser("fetch", help="download MNIST / Fashion-MNIST (needs internet)")
+    pf.add_argument("name", nargs="?", choices=["mnist", "fashion_mnist"])
+    pf.add_argument("--data-root", default=None)
+    pf.set_defaults(func=cmd_data)

@@ -1,0 +1,78 @@
+"""The ``capsbench run`` subcommand (suites)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from capsbench.cli.args import name_list, speed_options
+    from capsbench.errors import ConfigError
+    from capsbench.evaluate.run import run_suite
+
+    models = name_list(args.models, "--models")
+    ray_only = [f for f, v in (("--ray-address", args.ray_address), ("--cpus-per-task", args.cpus_per_task))
+                if v is not None]
+    if ray_only and args.executor != "ray":
+        raise ConfigError(f"{' and '.join(ray_only)} only apply with --executor ray; add it or leave them out")
+    run_dir = run_suite(
+        args.suite,
+        models=models,
+        seeds=args.seeds,
+        profile=args.profile,
+        device=args.device,
+        out=args.out,
+        data_root=args.data_root,
+        match_accuracy=args.match_accuracy,
+        progress=not args.no_progress,
+        command="capsbench " + " ".join(sys.argv[1:]),
+        executor=args.executor,
+        ray_address=args.ray_address,
+        cpus_per_task=1 if args.cpus_per_task is None else args.cpus_per_task,
+        deterministic=args.deterministic,
+        amp=args.amp,
+        speed=speed_options(args),
+        epochs=args.epochs,
+    )
+    if not args.no_report:
+        try:
+            from capsbench.report.build import verdict_lines, write_report
+        except ImportError:
+            return 0
+        path = write_report([run_dir], run_dir / "report")
+        for line in verdict_lines(run_dir / "report"):
+            print(line)
+        print(f"report: {path}")
+    return 0
+
+
+def add_commands(sub, add_common) -> None:
+    from capsbench.cli.args import add_speed_args, positive_float, positive_int
+
+    p = sub.add_parser("run", help="run a robustness suite: train what it needs, evaluate every cell")
+    p.add_argument("--suite", required=True, help="suite name (capsbench list suites)")
+    p.add_argument("--models", default=None, help="comma-separated model names (default: the suite's)")
+    p.add_argument("--seeds", type=positive_int, default=None,
+                   help="seeds 0..N-1 of every model (default: 3 of the two models the suite's claim compares, "
+                        "capsnet and cnn_maxpool, so that the claim gets a verdict; 1 of the others)")
+    p.add_argument("--profile", default="quick", help="smoke, quick (CPU default) or paper")
+    p.add_argument("--epochs", type=positive_float, default=None,
+                   help="train every model for this many epochs instead of the profile's budget")
+    p.add_argument("--match-accuracy", type=positive_float, default=None,
+                   help="stop each model's training when its accuracy on the validation split (training digits "
+                        "held out, placed as in training) reaches this fraction, e.g. 0.992")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: each training job and evaluation batch as a Ray task")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to use with --executor ray (e.g. ray://HEAD:10001 or auto); "
+                        "default: start a local one for the run")
+    p.add_argument("--cpus-per-task", type=positive_int, default=None,
+                   help="CPUs (and torch threads) per Ray task (default 1)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")
+    add_speed_args(p)
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--no-progress", action="store_true")
+    add_common(p)
+    p.set_defaults(func=cmd_run)

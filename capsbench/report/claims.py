@@ -1,0 +1,291 @@
+"""Claims as data and their verdicts: which cells, which two models, which direction; the checks
+(clean gap, matched accuracy) that can hold a verdict back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from capsbench.report.load import Run
+from capsbench.report.render import _pct
+from capsbench.report.stats import MIN_SEEDS, compare_paired
+from capsbench.report.summary import _clean_accuracy
+
+VERDICT_RULE = (
+    "Verdict rule, checked in this order, on the 95% CI of the difference A - B (test-image "
+    "sampling and seed-to-seed training variance both in it, the image x seed interaction counted "
+    "once): 'inconclusive' if either model has fewer than 2 seeds (training variance unknown); "
+    "'negligible' if the CI lies entirely within +-1 percentage point (no difference that matters, "
+    "whatever its sign); 'supported' if it lies entirely on the claimed side of 0; 'refuted' if "
+    "entirely on the opposite side; 'inconclusive' otherwise. Two claims compare models that may "
+    "differ on clean digits too: the orientation claim is 'supported' only if CapsNet's advantage "
+    "on rotated digits is also larger than its advantage on upright ones (the difference in "
+    "differences has its CI above 0; otherwise 'inconclusive': the gap may be clean accuracy, not "
+    "robustness), and the affNIST claim only if both models were matched in every seed: stopped by "
+    "--match-accuracy with a validation accuracy at the stop within the run's tolerance above the "
+    "target (otherwise 'inconclusive' instead of 'supported' or 'refuted'). A claim whose suite, "
+    "models or predictions are missing is 'not evaluated', with the reason. The three claims are a "
+    "family: each p-value is shown raw and Holm-adjusted; the verdicts use the 95% CIs, not the "
+    "adjusted p."
+)
+
+
+# --------------------------------------------------------------------------- claims
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    statement: str
+    suites: tuple[str, ...]
+    a: str  # the model the claim says is ahead on the measure
+    b: str
+    measure: str  # "accuracy" or "unchanged"
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("orientation", "CapsNet is more accurate than the pooling CNN on rotated digits "
+          "(pooled over the non-zero angles of the rotation suite)", ("rotation",), "capsnet", "cnn_maxpool",
+          "accuracy"),
+    Claim("pooling", "the pooling CNN keeps its prediction on shuffled parts more often than CapsNet "
+          "(fraction of predictions unchanged from the clean image, pooled over the k x k shuffle cells; the "
+          "two-tile swap cell is not pooled)", ("part_shuffle",),
+          "cnn_maxpool", "capsnet", "unchanged"),
+    Claim("affNIST", "CapsNet generalises better to affNIST than the CNN (accuracy on the affnist cell)",
+          ("affnist",), "capsnet", "cnn_maxpool", "accuracy"),
+)
+
+
+@dataclass
+class Verdict:
+    claim: str
+    statement: str
+    run: str = ""
+    comparison: str = ""
+    measure: str = ""
+    difference: float = float("nan")
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    se_images: float = float("nan")
+    se_seeds: float = float("nan")
+    p_value: float = float("nan")
+    p_holm: float = float("nan")  # Holm-adjusted over the claims of one report
+    pairs: int = 0
+    n_seeds: int = 0
+    verdict: str = "not evaluated"
+    notes: list[str] = field(default_factory=list)
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "claim": self.claim, "run": self.run, "comparison": self.comparison, "measure": self.measure,
+            "difference": self.difference, "ci_low": self.ci_low, "ci_high": self.ci_high,
+            "se_images": self.se_images, "se_seeds": self.se_seeds, "p_value": self.p_value,
+            "p_holm": self.p_holm,
+            "pairs": self.pairs, "seeds": self.n_seeds, "verdict": self.verdict, "notes": " ".join(self.notes),
+        }
+
+
+def _claim_cells(claim: Claim, run: Run) -> list[str]:
+    cells = run.suite_meta.get("cells", []) or []
+    if claim.name == "orientation":
+        # one cell per distinct rotation: +180 and -180 degrees are the same image, pooled once
+        seen, out = set(), []
+        for c in cells:
+            params = c.get("params") or {}
+            if c.get("transform") != "rotation" or not params.get("angle"):
+                continue
+            signed = (params["angle"] * (-1 if params.get("direction") == "cw" else 1)) % 360
+            if signed not in seen:
+                seen.add(signed)
+                out.append(c["name"])
+        return out
+    if claim.name == "pooling":
+        return [c["name"] for c in cells if c.get("transform") == "part_shuffle"]
+    if claim.name == "affNIST":
+        return [c["name"] for c in cells if c.get("name") == "affnist"]
+    return []
+
+
+def evaluate_claim(claim: Claim, runs: Sequence[Run]) -> list[Verdict]:
+    """One verdict per run of the claim's suite (one 'not evaluated' verdict when there is none)."""
+    matching = [r for r in runs if r.suite in claim.suites]
+    if not matching:
+        return [Verdict(claim.name, claim.statement, measure=claim.measure,
+                        comparison=f"{claim.a} vs {claim.b}",
+                        notes=[f"no run of the {' / '.join(claim.suites)} suite was given to the report."])]
+    return [_evaluate_claim_on(claim, run) for run in matching]
+
+
+def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
+    v = Verdict(claim.name, claim.statement, run=run.label, measure=claim.measure,
+                comparison=f"{claim.a} - {claim.b}")
+    present = run.models()
+    absent = [m for m in (claim.a, claim.b) if m not in present]
+    if absent:
+        what = f"model {absent[0]} has" if len(absent) == 1 else f"models {' and '.join(absent)} have"
+        v.notes.append(f"{what} no results in {run.label} (models with results: {', '.join(present) or 'none'}).")
+        return v
+    cells = _claim_cells(claim, run)
+    if not cells:
+        v.notes.append(f"{run.label} has no cells this claim uses.")
+        return v
+    seeds = sorted(set(run.seeds(claim.a)) & set(run.seeds(claim.b)))
+    extra = sorted(set(run.seeds(claim.a)) ^ set(run.seeds(claim.b)))
+    if extra:
+        v.notes.append(f"seeds {', '.join(map(str, extra))} are present for only one of the two models and are "
+                       "left out of the pairing.")
+    a_units, b_units, unit_seeds, missing = [], [], [], []
+    clean_units: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # seed -> (A, B) correct on the clean cell
+    for seed in seeds:
+        ref_a = ref_b = None
+        if run.clean_cell is not None:
+            ref_a = run.predictions(claim.a, seed, run.clean_cell)
+            ref_b = run.predictions(claim.b, seed, run.clean_cell)
+            if ref_a is not None and ref_b is not None and np.array_equal(ref_a["label"], ref_b["label"]):
+                clean_units[seed] = (ref_a["pred"] == ref_a["label"], ref_b["pred"] == ref_b["label"])
+        if claim.measure == "unchanged" and (ref_a is None or ref_b is None):
+            missing.append(f"{run.clean_cell} (seed {seed})")
+            continue
+        for cell in cells:
+            pa, pb = run.predictions(claim.a, seed, cell), run.predictions(claim.b, seed, cell)
+            if pa is None or pb is None:
+                missing.append(f"{cell} (seed {seed})")
+                continue
+            if len(pa["pred"]) != len(pb["pred"]) or not np.array_equal(pa["label"], pb["label"]):
+                missing.append(f"{cell} (seed {seed}: the two models were scored on different images)")
+                continue
+            if claim.measure == "unchanged":
+                a_units.append(pa["pred"] == ref_a["pred"])
+                b_units.append(pb["pred"] == ref_b["pred"])
+            else:
+                a_units.append(pa["pred"] == pa["label"])
+                b_units.append(pb["pred"] == pb["label"])
+            unit_seeds.append(seed)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        v.notes.append(f"no usable per-image predictions for: {shown}.")
+    if not a_units:
+        v.notes.insert(0, "no paired predictions to compare.")
+        return v
+    try:
+        res = compare_paired(a_units, b_units, unit_seeds, direction=1)
+    except ValueError as e:  # seeds scored on different numbers of images: no images x seeds table
+        v.notes.insert(0, f"the predictions cannot be paired across seeds: {e}.")
+        return v
+    v.difference, v.ci_low, v.ci_high = res["difference"], res["ci_low"], res["ci_high"]
+    v.se_images, v.se_seeds, v.p_value = res["se_images"], res["se_seeds"], res["p_value"]
+    v.pairs, v.n_seeds, v.verdict = res["pairs"], res["n_seeds"], res["verdict"]
+    n_images = len(a_units[0]) if len({len(u) for u in a_units}) == 1 else None
+    v.notes.insert(0, f"{v.n_seeds} seed(s) of each model x {len(a_units) // max(v.n_seeds, 1)} cell(s)"
+                      + (f" x {n_images} test images" if n_images else f", {v.pairs} paired outcomes") + ". "
+                      f"Standard error {_pp(v.se_images)} pp from test-image sampling"
+                      + (f", {_pp(v.se_seeds)} pp from training (seed to seed)." if v.n_seeds >= MIN_SEEDS
+                         else "; training variance unknown with one seed: run --seeds 3 or more for a verdict."))
+    if claim.measure == "accuracy" and claim.name != "affNIST":
+        _clean_check(v, claim, run, a_units, b_units, unit_seeds, clean_units)
+    elif clean_units and claim.name != "affNIST":
+        clean = compare_paired([clean_units[k][0] for k in clean_units], [clean_units[k][1] for k in clean_units],
+                               list(clean_units))
+        v.notes.append(f"On the clean cell ({run.clean_cell}) {claim.a} - {claim.b} = {_pp(clean['difference'], True)} "
+                       f"pp [{_pp(clean['ci_low'], True)}, {_pp(clean['ci_high'], True)}].")
+    if claim.name == "affNIST":
+        notes, matched = _affnist_notes(run, claim)
+        v.notes.extend(notes)
+        if not matched and v.verdict in ("supported", "refuted"):
+            v.notes.append(f"Verdict 'inconclusive' instead of '{v.verdict}': the models were not compared "
+                           "at a matched clean accuracy.")
+            v.verdict = "inconclusive"
+    return v
+
+
+def _pp(x: float, sign: bool = False) -> str:
+    """A proportion as percentage points with two decimals ("nan" stays "nan")."""
+    return f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
+
+
+def _clean_check(v: Verdict, claim: Claim, run: Run, a_units, b_units, unit_seeds, clean_units) -> None:
+    """An accuracy claim on transformed cells against the clean cell: note the clean difference
+    and the difference in differences (the advantage on transformed digits beyond the one on
+    clean digits), and withhold 'supported' unless the latter's CI is above 0."""
+    if not all(s in clean_units for s in unit_seeds):
+        v.notes.append(f"The clean cell ({run.clean_cell}) has no usable predictions: the difference could not be "
+                       "set against the clean-accuracy difference.")
+        if v.verdict == "supported":
+            v.notes.append("Verdict 'inconclusive' instead of 'supported': the clean-accuracy check could not be made.")
+            v.verdict = "inconclusive"
+        return
+    seeds = sorted(set(unit_seeds))
+    clean = compare_paired([clean_units[k][0] for k in seeds], [clean_units[k][1] for k in seeds], seeds)
+    did = compare_paired([u.astype(float) - clean_units[k][0] for u, k in zip(a_units, unit_seeds, strict=True)],
+                         [u.astype(float) - clean_units[k][1] for u, k in zip(b_units, unit_seeds, strict=True)],
+                         unit_seeds)
+    v.notes.append(f"On the clean cell ({run.clean_cell}) {claim.a} - {claim.b} = {_pp(clean['difference'], True)} pp "
+                   f"[{_pp(clean['ci_low'], True)}, {_pp(clean['ci_high'], True)}]; the advantage beyond it "
+                   f"(difference in differences: each model's accuracy on the claim's cells minus its clean accuracy) "
+                   f"is {_pp(did['difference'], True)} pp [{_pp(did['ci_low'], True)}, {_pp(did['ci_high'], True)}].")
+    if v.verdict == "supported" and not did["ci_low"] > 0:
+        v.notes.append(f"Verdict 'inconclusive' instead of 'supported': {claim.a}'s advantage on the claim's cells is not "
+                       "shown to exceed its advantage on clean digits, so it may be clean accuracy, not robustness.")
+        v.verdict = "inconclusive"
+
+
+def _match_records(run: Run, model: str) -> dict[int, tuple[int | None, float | None]]:
+    """seed -> (step at which --match-accuracy stopped the job or None, validation accuracy at
+    the stop or at the last check, None if not recorded), from the run's rows and job records."""
+    rec: dict[int, tuple[int | None, float | None]] = {}
+    for j in run.meta.get("jobs", []) or []:
+        if j.get("model") == model and "stopped_early_at" in j:
+            rec[int(j.get("seed", -1))] = (j.get("stopped_early_at") or None, j.get("match_val_accuracy"))
+    df = run.rows
+    for metric, pos in (("matched_at_step", 0), ("match_val_accuracy", 1)):
+        for _, r in df[(df["model"] == model) & (df["metric"] == metric)].iterrows():
+            old = list(rec.get(int(r["seed"]), (None, None)))
+            if old[pos] is None and not pd.isna(r["value"]):
+                old[pos] = int(r["value"]) if pos == 0 else float(r["value"])
+            rec[int(r["seed"])] = (old[0], old[1])
+    return rec
+
+
+def _affnist_notes(run: Run, claim: Claim) -> tuple[list[str], bool]:
+    """Notes on the affNIST comparison and whether both models were matched: in every seed,
+    stopped by --match-accuracy with a validation accuracy at the stop in [target, target + tolerance]."""
+    from capsbench.train.matching import MATCH_TOLERANCE
+    from capsbench.train.matching import matched as is_matched
+
+    notes = []
+    target = run.meta.get("match_accuracy")
+    tol = run.meta.get("match_tolerance") or MATCH_TOLERANCE
+    matched = target is not None
+    if target is None:
+        notes.append("Trained without --match-accuracy: the models are not at a matched clean accuracy "
+                     "(the paper compares them at 99.23% vs 99.22% on expanded MNIST).")
+    else:
+        for model in (claim.a, claim.b):
+            rec = _match_records(run, model)
+            if not rec:
+                matched = False
+                notes.append(f"{model}: no record of its accuracy at the --match-accuracy stop.")
+                continue
+            shown = "; ".join(f"seed {s}: " + (f"stopped at step {step}" if step else "not stopped (full budget)")
+                              + (f", {_pct(acc)}%" if acc is not None else ", accuracy not recorded")
+                              for s, (step, acc) in sorted(rec.items()))
+            bad = [s for s, (step, acc) in rec.items() if not is_matched(target, acc, step, tol)]
+            if bad:
+                matched = False
+            notes.append(f"{model} validation accuracy at the stop ({shown})"
+                         + (f": NOT matched in seed(s) {', '.join(map(str, sorted(bad)))}." if bad else "."))
+        notes.append(f"Matched means: stopped by --match-accuracy {_pct(target)}% with a validation accuracy at the "
+                     f"stop within {_pp(tol)} pp above it, in every seed of both models; "
+                     + ("they were." if matched else "they were not."))
+    clean = _clean_accuracy(run)
+    if claim.a in clean and claim.b in clean:
+        notes.append(f"Expanded-MNIST test accuracy: {claim.a} {_pct(clean[claim.a])}%, {claim.b} {_pct(clean[claim.b])}%.")
+    ed = set(run.rows[run.rows["cell"] == "affnist"]["eval_data"].dropna().astype(str))
+    if "affnist_synth" in ed:
+        notes.append("Evaluated on the generated affNIST-style set (affnist_synth), not the real affNIST; "
+                     "numbers are not directly comparable with the paper's.")
+    return notes, matched

