@@ -25,6 +25,16 @@ _LAZY = {
     "model_info": "capsbench.models.registry",
     "register_model": "capsbench.models.registry",
     "load_dataset": "capsbench.data.datasets",
+    "evaluate": "capsbench.evaluation.api",
+    "load_results": "capsbench.evaluation.api",
+    "verdicts": "capsbench.evaluation.api",
+    "run_suite": "capsbench.evaluation.run",
+    "write_report": "capsbench.report.build",
+    "Claim": "capsbench.report.claims",
+    "register_claim": "capsbench.report.claims",
+    "list_claims": "capsbench.report.claims",
+    "load_claims": "capsbench.report.claims",
+    "list_suites": "capsbench.suites.base",
 }
 
 

@@ -51,6 +51,10 @@ class Registry(Generic[T]):
         self.get(name)
         return dict(self._meta[name])
 
+    def values(self) -> list[T]:
+        """Every registered object, in the order registered."""
+        return list(self._items.values())
+
     def names(self, pattern: str = "*") -> list[str]:
         return sorted(n for n in self._items if fnmatch.fnmatchcase(n, pattern))
 

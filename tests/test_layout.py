@@ -96,3 +96,19 @@ def test_the_cycle_finder_finds_a_circle():
 def test_no_module_is_too_long():
     long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
     assert {n: k for n, k in long.items() if k > MAX_LINES} == {}
+
+
+def test_help_and_version_do_not_import_torch():
+    """``capsbench --help`` and ``--version`` answer from argparse alone (torch takes seconds to load)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom capsbench.cli.main import main\nfor argv in (['--help'], ['--version'], ['run', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False False"
+    import capsbench
+
+    assert "run_suite" in dir(capsbench) and "evaluate" in capsbench.__all__

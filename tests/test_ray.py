@@ -10,8 +10,8 @@ import pytest
 import ray
 import torch
 
-from capsbench.evaluate.executors import eval_batches
-from capsbench.evaluate.run import run_suite
+from capsbench.evaluation.executors import eval_batches
+from capsbench.evaluation.run import run_suite
 
 
 @pytest.fixture(scope="module")

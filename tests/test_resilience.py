@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from capsbench.evaluate.run import run_suite
+from capsbench.evaluation.run import run_suite
 from capsbench.locks import DirLock, LockedError, remove_partial_files
 from capsbench.train.config import TrainConfig
 from capsbench.train.device import set_deterministic

@@ -14,7 +14,7 @@ import pytest
 
 from capsbench.cli.main import main
 from capsbench.errors import ConfigError
-from capsbench.evaluate.run import _load_rows, run_suite
+from capsbench.evaluation.run import _load_rows, run_suite
 from capsbench.train.config import TrainConfig
 
 

@@ -162,7 +162,7 @@ def test_cuda_graph_training_follows_the_eager_job(tmp_path, data_root):
 def test_a_suite_runs_with_speed_options_and_records_them(tmp_path, data_root):
     import json
 
-    from capsbench.evaluate.run import run_suite
+    from capsbench.evaluation.run import run_suite
 
     run_dir = run_suite("part_shuffle", models=["lenet5"], profile="smoke", device="cpu", out=tmp_path,
                         data_root=data_root, progress=False, log=lambda m: None,

@@ -99,7 +99,7 @@ def test_training_and_matching_never_read_test_data(data_root, tmp_path, monkeyp
 
 
 def test_a_suite_run_reads_test_data_only_to_score_cells(data_root, tmp_path, monkeypatch):
-    from capsbench.evaluate.run import run_suite
+    from capsbench.evaluation.run import run_suite
 
     reads = _record_test_reads(monkeypatch)
     run_dir = run_suite("affnist", models=["lenet5"], seeds=1, profile="smoke", device="cpu", out=tmp_path,

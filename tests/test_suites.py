@@ -114,7 +114,7 @@ def test_unknown_suite_and_model_are_clear_errors(tmp_path, data_root, capsys):
 
 
 def test_a_failing_cell_becomes_an_error_row_and_the_run_goes_on(tmp_path, data_root):
-    from capsbench.evaluate.cells import evaluate_cells
+    from capsbench.evaluation.cells import evaluate_cells
     from capsbench.suites.base import Cell, Suite
 
     def broken(x, y, g):

@@ -1,0 +1,1 @@
+"""The ``capsbench`` command: ``main`` builds the parser from one module per sub-command."""

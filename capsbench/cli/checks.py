@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from capsbench.cli.args import (
     speed_options,
 )
+from capsbench.cli.run import checkpoints
 from capsbench.cli.train import _train_config
 from capsbench.errors import ConfigError, DataError
 
@@ -28,9 +29,13 @@ def _model_list(text: str | None) -> list[str]:
 
 def _check_models(names: Sequence[str], option: str = "--models") -> None:
     from capsbench.models import list_models
+    from capsbench.models.registry import resolve_model
 
+    for m in names:
+        if ":" in m:  # pkg.module:factory: imported and registered now, or one line saying why not
+            resolve_model(m)
     known = list_models()
-    unknown = [m for m in names if m not in known]
+    unknown = [m for m in names if ":" not in m and m not in known]
     if unknown:
         raise ConfigError(
             f"unknown model{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in {option}; "
@@ -111,6 +116,7 @@ def _preflight(args: argparse.Namespace) -> None:
         for model in models:
             TrainConfig(model=model, dataset=suite.dataset, protocol=suite.protocol,
                         profile=profile.name, match_accuracy=match).validate()
+        checkpoints(args.checkpoint, models)
         check_device_options(resolve_device(args.device), args.amp, speed_options(args))
         _check_data_root(args)
         out = check_writable_dir(args.out)

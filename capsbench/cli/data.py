@@ -10,14 +10,30 @@ import shlex
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "models":
+        from capsbench.errors import CapsbenchError
         from capsbench.models import count_parameters, create_model, list_models, model_info
 
-        print(f"{'name':<18} {'family':<8} {'params@28':>12} {'params@40':>12}  default input  source")
+        def params(name: str, size: int) -> str:
+            try:
+                return f"{count_parameters(create_model(name, input_size=size)):,}"
+            except CapsbenchError:  # a plug-in that is broken, or takes one input size only
+                return "-"
+
+        print(f"{'name':<18} {'family':<8} {'params@28':>12} {'params@40':>12}  source")
+        broken = []
         for name in list_models():
             meta = model_info(name)
-            p28 = count_parameters(create_model(name, input_size=28))
-            p40 = count_parameters(create_model(name, input_size=40))
-            print(f"{name:<18} {meta.get('family', '?'):<8} {p28:>12,} {p40:>12,}  28x28          {meta.get('paper', '')}")
+            p28, p40 = params(name, 28), params(name, 40)
+            if p28 == p40 == "-":
+                try:
+                    create_model(name, input_size=28)
+                except CapsbenchError as e:
+                    broken.append(str(e))
+            family = meta.get("family") or ("plug-in" if meta.get("source") else "?")
+            source = meta.get("paper") or (f"{meta['source']} ({meta.get('plugin')})" if meta.get("source") else "")
+            print(f"{name:<18} {family:<8} {p28:>12} {p40:>12}  {source}")
+        for line in broken:
+            print(f"capsbench: warning: {line}")
     elif args.what == "profiles":
         from capsbench.train.profiles import PROFILES
 

@@ -27,11 +27,13 @@ def _int_list(text: str) -> list[int]:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from capsbench.cli.args import name_list
+    from capsbench.models.registry import resolve_model
     from capsbench.perf.profiler import format_table, profile_dir, profile_models, write_profile
     from capsbench.store import archive_previous, ensure_writable_dir
     from capsbench.train.device import resolve_device
 
     models = name_list(args.models, "--models")
+    models = [resolve_model(m) for m in models] if models else models
     dev = resolve_device(args.device)
     out = ensure_writable_dir(args.out)  # fail before any work, not after minutes of it
     command = "capsbench " + " ".join(sys.argv[1:])

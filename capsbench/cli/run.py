@@ -6,12 +6,30 @@ import argparse
 import sys
 
 
+def checkpoints(values: list[str] | None, models: list[str] | None) -> dict[str, list[str]]:
+    """``--checkpoint [MODEL=]PATH`` options as {model: [path per seed]}; without ``MODEL=`` the
+    path belongs to the one model of ``--models``."""
+    from capsbench.errors import ConfigError
+
+    out: dict[str, list[str]] = {}
+    for v in values or []:
+        model, sep, path = v.partition("=")
+        if not sep or not path or "/" in model or "\\" in model:  # a bare path (which may hold '=')
+            if not models or len(models) != 1:
+                raise ConfigError(f"--checkpoint {v}: say which model it is for (--checkpoint MODEL=PATH), "
+                                  "or name one model in --models")
+            model, path = models[0], v
+        out.setdefault(model, []).append(path)
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from capsbench.cli.args import name_list, speed_options
     from capsbench.errors import ConfigError
-    from capsbench.evaluate.run import run_suite
+    from capsbench.evaluation.run import run_suite
 
     models = name_list(args.models, "--models")
+    ckpts = checkpoints(args.checkpoint, models)
     ray_only = [f for f, v in (("--ray-address", args.ray_address), ("--cpus-per-task", args.cpus_per_task))
                 if v is not None]
     if ray_only and args.executor != "ray":
@@ -34,6 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         amp=args.amp,
         speed=speed_options(args),
         epochs=args.epochs,
+        checkpoints=ckpts or None,
     )
     if not args.no_report:
         try:
@@ -52,7 +71,12 @@ def add_commands(sub, add_common) -> None:
 
     p = sub.add_parser("run", help="run a robustness suite: train what it needs, evaluate every cell")
     p.add_argument("--suite", required=True, help="suite name (capsbench list suites)")
-    p.add_argument("--models", default=None, help="comma-separated model names (default: the suite's)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated model names, or pkg.module:factory for a model from outside capsbench "
+                        "(default: the suite's)")
+    p.add_argument("--checkpoint", action="append", default=None, metavar="[MODEL=]PATH",
+                   help="score this model's weights instead of training it (a capsbench job's checkpoint.pt or "
+                        "a state dict); repeat for more seeds or models")
     p.add_argument("--seeds", type=positive_int, default=None,
                    help="seeds 0..N-1 of every model (default: 3 of the two models the suite's claim compares, "
                         "capsnet and cnn_maxpool, so that the claim gets a verdict; 1 of the others)")

@@ -16,12 +16,11 @@ from capsbench.cli.args import (
 
 def _train_config(args: argparse.Namespace):
     """The validated :class:`~capsbench.train.config.TrainConfig` of ``capsbench train``."""
-    from capsbench.models import model_info
+    from capsbench.models.registry import resolve_model
     from capsbench.train.config import TrainConfig
 
-    model_info(args.model)  # an unknown name stops here, listing the known ones
     return TrainConfig(
-        model=args.model,
+        model=resolve_model(args.model),  # an unknown name stops here, listing the known ones
         dataset=args.dataset,
         protocol=args.protocol,
         profile=args.profile,

@@ -55,6 +55,74 @@ class Classifier(nn.Module):
         return out.scores.float().softmax(dim=1)
 
 
+class PlainClassifier(Classifier):
+    """A plain ``nn.Module`` that returns (B, C) logits, as a :class:`Classifier`: softmax
+    confidence and cross-entropy training, unless the module defines ``loss`` / ``confidence``
+    itself (with the signatures above). Its ``family``, ``input_size`` and ``num_classes`` are
+    read from the module when it has them (defaults "cnn", 28, 10); its weights are ``net.*``."""
+
+    def __init__(self, net: nn.Module, input_size: int = 28) -> None:
+        super().__init__(num_classes=int(getattr(net, "num_classes", 10)),
+                         input_size=int(getattr(net, "input_size", input_size)))
+        self.net = net
+        self.family = str(getattr(net, "family", "cnn"))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
+        out = self.net(x)
+        return out if isinstance(out, ModelOutput) else ModelOutput(scores=out)
+
+    def loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        own = getattr(self.net, "loss", None)
+        return own(out, x, y) if callable(own) else super().loss(out, x, y)
+
+    def confidence(self, out: ModelOutput) -> torch.Tensor:
+        own = getattr(self.net, "confidence", None)
+        return own(out) if callable(own) else super().confidence(out)
+
+
+def as_classifier(model: object, name: str, input_size: int | None = None, source: str | None = None) -> Classifier:
+    """Check a model from outside capsbench against the model protocol and return it as a
+    :class:`Classifier` (a plain ``nn.Module`` is wrapped in :class:`PlainClassifier`).
+
+    The protocol: an ``nn.Module`` whose forward takes a (B, 1, H, W) float batch in [0, 1] and
+    returns (B, num_classes) scores (logits) or a :class:`ModelOutput`; optional ``family``
+    ("capsule" or "cnn"), ``input_size`` (H = W, default 28), ``num_classes`` (default 10),
+    ``loss(out, x, y)`` and ``confidence(out)``. What is missing or wrong fails here, in one line
+    that names it, after one forward pass on two blank images.
+    """
+    from capsbench.errors import ConfigError
+
+    where = f"model {name!r}" + (f" ({source})" if source else "")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{where}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    clf = model if isinstance(model, Classifier) else PlainClassifier(model, input_size or 28)
+    if input_size is not None and clf.input_size != input_size:
+        raise ConfigError(f"{where} takes {clf.input_size}x{clf.input_size} inputs (its input_size), but this "
+                          f"protocol trains on {input_size}x{input_size}; give the factory an input_size "
+                          "argument, or use a suite of that size")
+    if clf.family not in ("capsule", "cnn"):
+        raise ConfigError(f"{where}: family must be 'capsule' or 'cnn', got {clf.family!r}")
+    was_training = clf.training
+    clf.eval()
+    try:
+        with torch.no_grad():
+            param = next(clf.parameters(), None)
+            x = torch.zeros(2, 1, clf.input_size, clf.input_size,
+                            device=param.device if param is not None else None)
+            out = clf(x)
+    except Exception as e:
+        raise ConfigError(f"{where}: forward on a (2, 1, {clf.input_size}, {clf.input_size}) batch raised "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    finally:
+        clf.train(was_training)
+    scores = out.scores if isinstance(out, ModelOutput) else None
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (2, clf.num_classes):
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{where}: forward must return (batch, {clf.num_classes}) class scores or a ModelOutput; "
+                          f"got {got} for a batch of 2")
+    return clf
+
+
 def env_choice(var: str, choices: tuple[str, ...]) -> str:
     """The value of the environment variable ``var`` ("auto" when unset or empty), checked
     against ``choices`` (CAPSBENCH_ROUTING, CAPSBENCH_CONV). The models and the CLI (before a

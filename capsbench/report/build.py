@@ -41,7 +41,7 @@ import pandas as pd
 
 from capsbench.errors import ConfigError
 from capsbench.report import paper
-from capsbench.report.claims import CLAIMS, VERDICT_RULE, Verdict, evaluate_claim
+from capsbench.report.claims import VERDICT_RULE, Claim, Verdict, compare_claim, evaluate_claim, list_claims
 from capsbench.report.figures import (
     _model_order,
     fig_affnist,
@@ -368,11 +368,32 @@ def check_metrics(metrics: Sequence[str] | None) -> list[str] | None:
     return list(metrics)
 
 
+def comparison_claims(runs: Sequence[Run], compare: Sequence[tuple[str, str]]) -> list[Claim]:
+    """The claims ``--compare A:B`` poses: one per suite whose runs hold both models. A model that
+    no run holds is an error (one line naming the models the runs do hold)."""
+    out = []
+    held = {m for r in runs for m in r.models()}
+    for a, b in compare:
+        absent = [m for m in (a, b) if m not in held]
+        if absent:
+            raise ConfigError(f"--compare {a}:{b}: no run given holds {' or '.join(absent)} (models in the runs: "
+                              f"{', '.join(sorted(held)) or 'none'})")
+        suites = list(dict.fromkeys(r.suite for r in runs if {a, b} <= set(r.models())))
+        if not suites:
+            raise ConfigError(f"--compare {a}:{b}: no run holds both models; give runs of one suite that hold both")
+        out.extend(compare_claim(a, b, s) for s in suites)
+    return out
+
+
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: str | None = None,
-                 data_root: str | Path | None = None, metrics: Sequence[str] | None = None) -> Path:
+                 data_root: str | Path | None = None, metrics: Sequence[str] | None = None,
+                 claims: Sequence[Claim] | None = None, compare: Sequence[tuple[str, str]] = ()) -> Path:
     """Write the report for ``run_dirs`` into ``out_dir``; returns the path of ``index.html``.
 
     ``metrics``: the metrics the tables show (default: all of accuracy, confidence, unchanged).
+    ``claims``: the claims to judge (default: the registered ones, :func:`list_claims`);
+    ``compare``: (A, B) model pairs, each posed as a claim on every suite whose runs hold both
+    (:func:`capsbench.report.claims.compare_claim`). All of them form one Holm family.
 
     Raises:
         CapsbenchError: a path is not a run directory, or a run has no result rows.
@@ -383,6 +404,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     metrics = check_metrics(metrics)
     runs = load_runs(list(run_dirs))
     suite_runs = [r for r in runs if not is_profile_run(r)]  # profile runs only feed the Cost section
+    claims = list(list_claims() if claims is None else claims) + comparison_claims(suite_runs, compare)
     out_dir = ensure_writable_dir(out_dir)
     tables_dir, figs_dir = out_dir / "tables", out_dir / "figures"
     for d, pattern in ((tables_dir, "*.csv"), (figs_dir, "*.png")):
@@ -393,7 +415,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     summary = summarize(suite_runs)
     if metrics is not None and not summary.empty:
         summary = summary[summary["metric"].isin(metrics)]
-    verdicts = [v for claim in CLAIMS for v in evaluate_claim(claim, suite_runs)]
+    verdicts = [v for claim in claims for v in evaluate_claim(claim, suite_runs)]
     for v, adjusted in zip(verdicts, holm([v.p_value for v in verdicts]), strict=True):
         v.p_holm = adjusted
 
@@ -425,7 +447,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     vt = _verdict_table(verdicts)
     tables["verdicts"] = pd.DataFrame([v.as_row() for v in verdicts])
     doc.table(vt, csv_name="verdicts")
-    doc.bullets([f"{c.name}: {c.statement}; A = {c.a}, B = {c.b}." for c in CLAIMS])
+    doc.bullets([f"{c.name}: {c.statement}; A = {c.a}, B = {c.b}." for c in claims])
 
     # Paper
     doc.h(2, "Comparison with the paper")
@@ -453,7 +475,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
         if sm.get("description"):
             doc.p(f"Suite: {sm['description']}.")
         if sm.get("claim"):
-            if any(run.suite in c.suites for c in CLAIMS):
+            if any(run.suite in c.suites for c in claims):
                 doc.p(f"Claim tested: {sm['claim']} (verdict under 'Claim verdicts').")
             else:
                 doc.p(f"Question: {sm['claim']}. Descriptive only: the report computes no verdict for this suite.")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from capsbench.registry import Registry
 from capsbench.report.load import Run
 from capsbench.report.render import _pct
 from capsbench.report.stats import MIN_SEEDS, compare_paired
@@ -37,27 +39,151 @@ VERDICT_RULE = (
 # --------------------------------------------------------------------------- claims
 
 
+MEASURES = ("accuracy", "unchanged")
+# which cells of a run a claim pools (besides explicit cell names)
+CELL_SELECTORS = {
+    "transformed": "every cell but the clean one (rotations: each distinct angle once, +-180 pooled)",
+    "rotations": "each distinct non-zero rotation once (+180 and -180 degrees are the same images)",
+    "part_shuffle": "the k x k part-shuffle cells (not the two-tile swap)",
+}
+
+
 @dataclass(frozen=True)
 class Claim:
+    """A claim about two models, as data: on the runs of ``suites``, model ``a`` is ahead of
+    model ``b`` on ``measure`` (``direction`` -1: behind), pooled over ``cells``. Every claim gets
+    the same statistics and verdict rule (:data:`VERDICT_RULE`).
+
+    ``cells``: a selector (:data:`CELL_SELECTORS`) or a tuple of cell names. ``clean_check``: an
+    accuracy claim is 'supported' only if the advantage on its cells exceeds the one on the clean
+    cell. ``needs_matched``: the two models must have been trained to a matched validation
+    accuracy (``--match-accuracy``) in every seed, or the verdict is at most 'inconclusive'.
+
+    Example:
+        >>> Claim("mine", "my_caps beats CapsNet on rotated digits", ("rotation",), "my_caps", "capsnet").cells
+        'transformed'
+    """
+
     name: str
     statement: str
     suites: tuple[str, ...]
-    a: str  # the model the claim says is ahead on the measure
+    a: str
     b: str
-    measure: str  # "accuracy" or "unchanged"
+    measure: str = "accuracy"  # "accuracy" or "unchanged" (prediction kept from the clean image)
+    cells: str | tuple[str, ...] = "transformed"
+    direction: int = 1
+    clean_check: bool = True
+    needs_matched: bool = False
+
+    def __post_init__(self) -> None:
+        from capsbench.errors import ConfigError
+
+        if isinstance(self.suites, (str, list)):
+            object.__setattr__(self, "suites", (self.suites,) if isinstance(self.suites, str) else tuple(self.suites))
+        if isinstance(self.cells, list):
+            object.__setattr__(self, "cells", tuple(self.cells))
+        if self.measure not in MEASURES:
+            raise ConfigError(f"claim {self.name!r}: measure must be one of {', '.join(MEASURES)}, got {self.measure!r}")
+        if isinstance(self.cells, str) and self.cells not in CELL_SELECTORS:
+            raise ConfigError(f"claim {self.name!r}: cells must be one of {', '.join(CELL_SELECTORS)} or a list of "
+                              f"cell names, got {self.cells!r}")
+        if self.direction not in (1, -1):
+            raise ConfigError(f"claim {self.name!r}: direction must be 1 (A ahead) or -1 (A behind), got {self.direction!r}")
+        if self.a == self.b:
+            raise ConfigError(f"claim {self.name!r}: compares {self.a!r} with itself")
 
 
-CLAIMS: tuple[Claim, ...] = (
-    Claim("orientation", "CapsNet is more accurate than the pooling CNN on rotated digits "
-          "(pooled over the non-zero angles of the rotation suite)", ("rotation",), "capsnet", "cnn_maxpool",
-          "accuracy"),
-    Claim("pooling", "the pooling CNN keeps its prediction on shuffled parts more often than CapsNet "
-          "(fraction of predictions unchanged from the clean image, pooled over the k x k shuffle cells; the "
-          "two-tile swap cell is not pooled)", ("part_shuffle",),
-          "cnn_maxpool", "capsnet", "unchanged"),
-    Claim("affNIST", "CapsNet generalises better to affNIST than the CNN (accuracy on the affnist cell)",
-          ("affnist",), "capsnet", "cnn_maxpool", "accuracy"),
-)
+CLAIMS: Registry = Registry("claim")
+
+
+def register_claim(claim: Claim) -> Claim:
+    """Add a claim to the registry: every report evaluates the registered claims."""
+    CLAIMS.add(claim.name, claim)
+    return claim
+
+
+def list_claims() -> list[Claim]:
+    """The registered claims, the paper's three first."""
+    return CLAIMS.values()
+
+
+register_claim(Claim(
+    "orientation", "CapsNet is more accurate than the pooling CNN on rotated digits "
+    "(pooled over the non-zero angles of the rotation suite)", ("rotation",), "capsnet", "cnn_maxpool",
+    "accuracy", cells="rotations"))
+register_claim(Claim(
+    "pooling", "the pooling CNN keeps its prediction on shuffled parts more often than CapsNet "
+    "(fraction of predictions unchanged from the clean image, pooled over the k x k shuffle cells; the "
+    "two-tile swap cell is not pooled)", ("part_shuffle",), "cnn_maxpool", "capsnet", "unchanged",
+    cells="part_shuffle"))
+register_claim(Claim(
+    "affNIST", "CapsNet generalises better to affNIST than the CNN (accuracy on the affnist cell)",
+    ("affnist",), "capsnet", "cnn_maxpool", "accuracy", cells=("affnist",), clean_check=False,
+    needs_matched=True))
+
+
+def load_claims(path: str | os.PathLike) -> list[Claim]:
+    """Claims from a JSON or TOML file: a list of tables with :class:`Claim`'s fields (JSON: a
+    list, or ``{"claims": [...]}``; TOML: ``[[claims]]`` tables).
+
+    Example (TOML)::
+
+        [[claims]]
+        name = "my_caps beats capsnet on rotations"
+        statement = "my_caps is more accurate than CapsNet on rotated digits"
+        suites = ["rotation"]
+        a = "my_caps"
+        b = "capsnet"
+    """
+    import json
+    from pathlib import Path
+
+    from capsbench.errors import ConfigError
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"claim file {p}: cannot be read ({e.strerror or e})") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data: Any = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ImportError:
+        raise ConfigError(f"claim file {p}: reading TOML on Python 3.10 needs tomli (pip install tomli); "
+                          "or write the claims as JSON") from None
+    except ValueError as e:
+        raise ConfigError(f"claim file {p}: not valid {'TOML' if p.suffix.lower() == '.toml' else 'JSON'} ({e})") from None
+    items = data.get("claims") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"claim file {p}: holds no claims (a list of tables, or 'claims = [...]')")
+    fields = set(Claim.__dataclass_fields__)
+    out = []
+    for i, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise ConfigError(f"claim file {p}: claim {i} is a {type(item).__name__}, not a table of fields")
+        unknown = sorted(set(item) - fields)
+        missing = sorted(f for f in ("name", "statement", "suites", "a", "b") if f not in item)
+        if unknown or missing:
+            raise ConfigError(f"claim file {p}: claim {i} "
+                              + (f"has unknown field(s) {', '.join(unknown)}" if unknown else "")
+                              + ("; " if unknown and missing else "")
+                              + (f"lacks {', '.join(missing)}" if missing else "")
+                              + f" (fields: {', '.join(Claim.__dataclass_fields__)})")
+        out.append(Claim(**item))
+    return out
+
+
+def compare_claim(a: str, b: str, suite: str, measure: str = "accuracy") -> Claim:
+    """The claim ``capsbench report --compare A:B`` poses: A ahead of B on the suite's transformed cells."""
+    what = "more accurate than" if measure == "accuracy" else "keeps its prediction more often than"
+    return Claim(f"{a} vs {b} ({suite})", f"{a} is {what} {b} on the {suite} suite's transformed cells "
+                 "(each distinct transform once)", (suite,), a, b, measure)
 
 
 @dataclass
@@ -91,7 +217,10 @@ class Verdict:
 
 def _claim_cells(claim: Claim, run: Run) -> list[str]:
     cells = run.suite_meta.get("cells", []) or []
-    if claim.name == "orientation":
+    if not isinstance(claim.cells, str):
+        return [c["name"] for c in cells if c.get("name") in claim.cells]
+    rotations = any(c.get("transform") == "rotation" for c in cells)
+    if claim.cells == "rotations" or (claim.cells == "transformed" and rotations):
         # one cell per distinct rotation: +180 and -180 degrees are the same image, pooled once
         seen, out = set(), []
         for c in cells:
@@ -103,11 +232,9 @@ def _claim_cells(claim: Claim, run: Run) -> list[str]:
                 seen.add(signed)
                 out.append(c["name"])
         return out
-    if claim.name == "pooling":
+    if claim.cells == "part_shuffle":
         return [c["name"] for c in cells if c.get("transform") == "part_shuffle"]
-    if claim.name == "affNIST":
-        return [c["name"] for c in cells if c.get("name") == "affnist"]
-    return []
+    return [c["name"] for c in cells if c.get("name") != run.clean_cell]  # "transformed"
 
 
 def evaluate_claim(claim: Claim, runs: Sequence[Run]) -> list[Verdict]:
@@ -172,7 +299,7 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
         v.notes.insert(0, "no paired predictions to compare.")
         return v
     try:
-        res = compare_paired(a_units, b_units, unit_seeds, direction=1)
+        res = compare_paired(a_units, b_units, unit_seeds, direction=claim.direction)
     except ValueError as e:  # seeds scored on different numbers of images: no images x seeds table
         v.notes.insert(0, f"the predictions cannot be paired across seeds: {e}.")
         return v
@@ -185,14 +312,14 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
                       f"Standard error {_pp(v.se_images)} pp from test-image sampling"
                       + (f", {_pp(v.se_seeds)} pp from training (seed to seed)." if v.n_seeds >= MIN_SEEDS
                          else "; training variance unknown with one seed: run --seeds 3 or more for a verdict."))
-    if claim.measure == "accuracy" and claim.name != "affNIST":
+    if claim.measure == "accuracy" and claim.clean_check:
         _clean_check(v, claim, run, a_units, b_units, unit_seeds, clean_units)
-    elif clean_units and claim.name != "affNIST":
+    elif clean_units and claim.clean_check:
         clean = compare_paired([clean_units[k][0] for k in clean_units], [clean_units[k][1] for k in clean_units],
                                list(clean_units))
         v.notes.append(f"On the clean cell ({run.clean_cell}) {claim.a} - {claim.b} = {_pp(clean['difference'], True)} "
                        f"pp [{_pp(clean['ci_low'], True)}, {_pp(clean['ci_high'], True)}].")
-    if claim.name == "affNIST":
+    if claim.needs_matched:
         notes, matched = _affnist_notes(run, claim)
         v.notes.extend(notes)
         if not matched and v.verdict in ("supported", "refuted"):
@@ -227,7 +354,8 @@ def _clean_check(v: Verdict, claim: Claim, run: Run, a_units, b_units, unit_seed
                    f"[{_pp(clean['ci_low'], True)}, {_pp(clean['ci_high'], True)}]; the advantage beyond it "
                    f"(difference in differences: each model's accuracy on the claim's cells minus its clean accuracy) "
                    f"is {_pp(did['difference'], True)} pp [{_pp(did['ci_low'], True)}, {_pp(did['ci_high'], True)}].")
-    if v.verdict == "supported" and not did["ci_low"] > 0:
+    beyond = did["ci_low"] > 0 if claim.direction > 0 else did["ci_high"] < 0
+    if v.verdict == "supported" and not beyond:
         v.notes.append(f"Verdict 'inconclusive' instead of 'supported': {claim.a}'s advantage on the claim's cells is not "
                        "shown to exceed its advantage on clean digits, so it may be clean accuracy, not robustness.")
         v.verdict = "inconclusive"

@@ -51,6 +51,10 @@ class TrainConfig:
     match_eval_every: int = 50  # validation checks; every NEAR_EVERY-th of this once within NEAR_TARGET
     train_limit: int | None = None  # train on the first N training images only
     model_kwargs: tuple[tuple[str, Any], ...] = ()
+    # a model trained elsewhere: its weights are loaded from this file and nothing is trained
+    # (the key is the file's content, not its path: capsbench.train.jobs.load_pretrained)
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
 
     def validate(self) -> TrainConfig:
         if self.steps is not None and self.steps < 1:
@@ -94,8 +98,12 @@ class TrainConfig:
         # So is the model's version: a model whose code changes what it learns bumps it.
         from capsbench.models import model_info
 
+        info = model_info(self.model)
+        if self.checkpoint is not None:  # nothing is trained: the weights and what they score on
+            return stable_hash(["pretrained", self.model, info.get("source"), self.dataset, self.protocol,
+                                self.checkpoint_sha256, self.model_kwargs])
         steps, bs = self.resolved(60_000)
-        version = model_info(self.model).get("version", 1)
+        version = info.get("version", 1)
         profile = get_profile(self.profile)
         recipe = [f"lr_schedule={profile.lr_schedule}"] if profile.lr_schedule != "exp" else []
         recipe += [f"lr={profile.lr_for(self.model):g}"] if self.lr is None else []
@@ -103,7 +111,10 @@ class TrainConfig:
         recipe += [f"val={VALIDATION_SIZE}:{VALIDATION_SEED}:v{SPLIT_VERSION}"]
         if self.match_accuracy is not None:  # the stop rule: validation, denser checks near the target
             recipe += [f"match=val,tol={profile.match_tolerance:g},near={NEAR_TARGET:g}/{NEAR_EVERY},far={MATCH_FAR_SUBSET},proj=max/2,rewind=1,search={MATCH_SEARCH_STEPS}"]
-        return stable_hash([asdict(self), steps, bs] + ([version] if version != 1 else []) + recipe)
+        if info.get("source"):  # a plug-in model: where its factory comes from
+            recipe += [f"source={info['source']}"]
+        fields = {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "checkpoint_sha256")}
+        return stable_hash([fields, steps, bs] + ([version] if version != 1 else []) + recipe)
 
     @property
     def job_name(self) -> str:

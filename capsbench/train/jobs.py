@@ -3,8 +3,9 @@ training data, and their clean accuracy as result rows."""
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from capsbench.data.splits import (
     eval_subset,
 )
 from capsbench.data.splits import describe as describe_split
-from capsbench.errors import TrainingError, describe
+from capsbench.errors import ConfigError, TrainingError, describe
 from capsbench.models import count_parameters, create_model
 from capsbench.store import environment_info, read_json, stable_hash
 from capsbench.train.config import TrainConfig
@@ -77,6 +78,8 @@ def load_finished(
 ) -> TrainResult:
     """The finished job ``cfg`` from its checkpoint, without touching the training data."""
     dev = resolve_device(device)
+    if cfg.checkpoint is not None:
+        return load_pretrained(cfg, dev)
     job_dir = Path(out) / "jobs" / cfg.job_name
     job_json = job_dir / "job.json"
     meta = _job_meta(job_json) if job_json.exists() else {}
@@ -157,3 +160,74 @@ def train_rows(result: TrainResult, clean: dict[str, float], run_id: str, profil
         {**base, "metric": "train_steps", "value": float(result.steps_done), "n": 1},
     ]
     return rows
+
+
+# --------------------------------------------------------------------------- models trained elsewhere
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pretrained_config(cfg: TrainConfig, checkpoint: str | os.PathLike) -> TrainConfig:
+    """``cfg`` as a job that loads ``checkpoint`` instead of training (its key is the file's content)."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--checkpoint {checkpoint}: no such file" if not path.exists()
+                          else f"--checkpoint {checkpoint}: a folder, not a checkpoint file; name the .pt file in it")
+    return replace(cfg, checkpoint=str(path.resolve()), checkpoint_sha256=file_sha256(path))
+
+
+def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The weights in a checkpoint file: a capsbench job's (``{"model": ...}``), a
+    ``{"state_dict": ...}`` dict, or a bare state dict."""
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"--checkpoint {path}: holds no state dict (a mapping of parameter names to tensors, "
+                          "alone or under 'model' or 'state_dict')")
+    return obj
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """Load ``state`` into ``model``; weights that do not fit are one line naming them. A plain
+    module's weights fit its :class:`~capsbench.models.base.PlainClassifier` wrapper too."""
+    from capsbench.models.base import PlainClassifier
+
+    if isinstance(model, PlainClassifier) and not any(k.startswith("net.") for k in state):
+        state = {f"net.{k}": v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} of another shape (e.g. {shapes[0]})" if shapes else ""]
+        raise ConfigError(f"--checkpoint {path}: its weights do not fit model {name!r}: "
+                          + ", ".join(p for p in parts if p))
+    model.load_state_dict(state)
+
+
+def load_pretrained(cfg: TrainConfig, device: torch.device) -> TrainResult:
+    """The model of a ``checkpoint`` job, built as the suite's protocol needs it, with the file's weights."""
+    path = Path(cfg.checkpoint or "")
+    if cfg.checkpoint_sha256 and path.is_file() and file_sha256(path) != cfg.checkpoint_sha256:
+        raise ConfigError(f"--checkpoint {path} changed while the run was using it; run again")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"--checkpoint {path}: cannot be read as a PyTorch file ({describe(e, 120)})") from None
+    model = build_model(cfg, torch.device("cpu"))
+    load_weights(model, _state_dict(obj, path), path, cfg.model)
+    model = model.to(device)
+    if channels_last_for(model, device):
+        model = model.to(memory_format=torch.channels_last)
+    return TrainResult(cfg, model, path.parent, 0, 0.0, float("nan"), True)

@@ -43,7 +43,14 @@ from capsbench.train.device import (
     seed_everything,
     to_float,
 )
-from capsbench.train.jobs import TrainResult, _job_meta, build_model, job_split, load_finished
+from capsbench.train.jobs import (
+    TrainResult,
+    _job_meta,
+    build_model,
+    job_split,
+    load_finished,
+    load_pretrained,
+)
 from capsbench.train.matching import MATCH_FAR_SUBSET, MATCH_SEARCH_STEPS, NEAR_EVERY, NEAR_TARGET
 from capsbench.train.profiles import get_profile
 from capsbench.train.protocols import PROTOCOLS
@@ -183,6 +190,8 @@ def train(
     """
     cfg = cfg.validate()
     dev = resolve_device(device)
+    if cfg.checkpoint is not None:  # trained elsewhere: nothing to train, no job folder
+        return load_pretrained(cfg, dev)
     speed = check_device_options(dev, cfg.amp, speed)
     keep_freed_memory()  # large CPU tensors reuse mapped pages step after step (capsbench/malloc.py)
     ensure_dataset(cfg.dataset, root=data_root, split="train")  # before the job folder exists

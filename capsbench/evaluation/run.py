@@ -43,10 +43,11 @@ from capsbench.data.specs import resolve_data_root
 from capsbench.data.splits import EVAL_SUBSET_SEED, VALIDATION_SEED, eval_subset, validation_split
 from capsbench.data.splits import describe as describe_split
 from capsbench.errors import CapsbenchError, ConfigError
-from capsbench.evaluate.cells import cell_metrics
-from capsbench.evaluate.executors import EXECUTORS, JobSpec, RunContext, make_executor
+from capsbench.evaluation.cells import cell_metrics
+from capsbench.evaluation.executors import EXECUTORS, JobSpec, RunContext, make_executor
 from capsbench.locks import DirLock, remove_partial_files
-from capsbench.models import list_models
+from capsbench.models import create_model, list_models, model_info
+from capsbench.models.registry import resolve_model
 from capsbench.store import (
     TEXT_COLUMNS,
     ensure_writable_dir,
@@ -64,6 +65,7 @@ from capsbench.train.device import (
     resolve_device,
     set_deterministic,
 )
+from capsbench.train.jobs import load_pretrained, pretrained_config
 from capsbench.train.matching import MATCH_FAR_SUBSET, MATCH_SEARCH_STEPS, NEAR_EVERY, NEAR_TARGET
 from capsbench.train.profiles import get_profile
 from capsbench.train.protocols import PROTOCOLS
@@ -147,12 +149,18 @@ def run_suite(
     amp: str | None = None,
     speed: SpeedOptions | None = None,
     epochs: float | None = None,
+    checkpoints: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]] | None = None,
 ) -> Path:
     """Run a suite end to end and return its run directory (see the module docstring).
 
+    ``models``: registered names, or ``pkg.module:factory`` for a model from outside capsbench
+    (:func:`capsbench.models.registry.resolve_model`).
+    ``checkpoints``: models trained elsewhere, by name: a checkpoint file (or one per seed) whose
+    weights are scored instead of training the model (:func:`capsbench.train.jobs.load_pretrained`).
+
     ``seeds``: seeds 0..N-1 of every model; None: the suite's claim models 3, the others 1
     (:meth:`capsbench.suites.base.Suite.seeds_for`).
-    ``executor``: ``local`` (this process) or ``ray`` (see :mod:`capsbench.evaluate.executors`).
+    ``executor``: ``local`` (this process) or ``ray`` (see :mod:`capsbench.evaluation.executors`).
     ``deterministic``: reproducible kernels (:func:`capsbench.train.device.set_deterministic`).
     ``lr``: learning rate for every model, or per model name (others keep the profile's).
     ``amp``: ``"bf16"`` trains under bf16 autocast (CUDA; part of each job's key).
@@ -163,11 +171,19 @@ def run_suite(
     """
     suite = get_suite(suite_name)
     prof = get_profile(profile)
-    models = list(dict.fromkeys(models or suite.default_models))  # each once, in the order given
+    ckpts = {resolve_model(m): [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+             for m, paths in (checkpoints or {}).items()}
+    models = list(dict.fromkeys(models or (list(ckpts) if ckpts else suite.default_models)))
     known = list_models()
-    unknown = [m for m in models if m not in known]
+    unknown = [m for m in models if ":" not in m and m not in known]
     if unknown:
         raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known models: {', '.join(known)}")
+    models = list(dict.fromkeys(resolve_model(m) for m in models))  # pkg.module:factory -> its name
+    absent = [m for m in ckpts if m not in models]
+    if absent:
+        raise ConfigError(f"--checkpoint for {', '.join(absent)}, which is not in --models ({', '.join(models)})")
+    if any(not paths for paths in ckpts.values()):
+        raise ConfigError("--checkpoint: name at least one file for each model")
     if seeds is not None and seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     if executor not in EXECUTORS:
@@ -181,6 +197,15 @@ def run_suite(
     for model_name in models:  # every number checked before anything is created
         TrainConfig(model=model_name, dataset=suite.dataset, protocol=suite.protocol, profile=prof.name,
                     match_accuracy=match_accuracy, amp=amp, epochs=epochs).validate()
+    size = PROTOCOLS.get(suite.protocol).input_size
+    for model_name in models:  # a plug-in that breaks the model protocol stops here, in one line
+        if model_info(model_name).get("source"):
+            create_model(model_name, input_size=size)
+    pretrained = {m: [pretrained_config(TrainConfig(model=m, dataset=suite.dataset, protocol=suite.protocol,
+                                                    profile=prof.name, seed=i), p) for i, p in enumerate(paths)]
+                  for m, paths in ckpts.items()}
+    for cfg in (c for cfgs in pretrained.values() for c in cfgs):  # weights that do not fit stop here
+        load_pretrained(cfg, torch.device("cpu"))
     # Data next (fetching it when online), so a missing or damaged file stops before any work;
     # a real affNIST file present under the root must be readable too.
     test = ensure_dataset(suite.dataset, root=data_root, split="test")
@@ -207,7 +232,7 @@ def run_suite(
         try:
             return _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root, match_accuracy,
                                progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs,
-                               amp, speed, epochs)
+                               amp, speed, epochs, pretrained)
         finally:
             if deterministic and not was_deterministic:
                 set_deterministic(False)
@@ -215,7 +240,7 @@ def run_suite(
 
 def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root, match_accuracy,
                 progress, log, command, executor, ray_address, cpus_per_task, deterministic, lrs,
-                amp, speed, epochs) -> Path:
+                amp, speed, epochs, pretrained) -> Path:
     sums = data_checksums(suite.dataset, root=data_root)
     data_tag = stable_hash(sums, 16)
     evaluation = splits["evaluation"]
@@ -236,10 +261,10 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
     previous = _read_run_json(run_dir, log)
 
     planned: list[tuple[TrainConfig, dict[str, Any]]] = []
-    seeds_of = {m: suite.seeds_for(m, seeds) for m in models}
+    seeds_of = {m: len(pretrained[m]) if m in pretrained else suite.seeds_for(m, seeds) for m in models}
     for model_name in models:
         for seed in range(seeds_of[model_name]):
-            cfg = TrainConfig(
+            cfg = pretrained[model_name][seed] if model_name in pretrained else TrainConfig(
                 model=model_name,
                 dataset=suite.dataset,
                 protocol=suite.protocol,
@@ -349,7 +374,8 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
     for cfg, base in planned:
         key = cfg.key
         todo = [c.name for c in suite.cells if not set(cell_metrics(suite, c)) <= metrics.get((key, c.name), set())]
-        if not todo and train_metrics <= metrics.get((key, "train"), set()):
+        needs = {"params"} if cfg.checkpoint is not None else train_metrics
+        if not todo and needs <= metrics.get((key, "train"), set()):
             log(f"{cfg.model} seed {cfg.seed}: all {len(suite.cells)} cells already evaluated")
             add_job(key, {"model": cfg.model, "seed": cfg.seed, "job_key": key, "reused": True})
             continue
@@ -363,6 +389,8 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
         eval_indices=evaluation.get("indices"),
         deterministic=deterministic, progress=progress,
         speed={**asdict(speed), "curve": False},
+        extra={"plugins": {m: model_info(m)["source"] for m in models
+                           if model_info(m).get("plugin") == "module:factory"}},
     )
     runner = make_executor(executor, log=log, address=ray_address, cpus_per_task=cpus_per_task) \
         if executor == "ray" else make_executor(executor, log=log)
@@ -480,6 +508,8 @@ def _merged_job(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, An
 
 def _train_rows(meta: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
     common = {**base, "eval_data": "none", "transform": "train", "cell": "train", "error": ""}
+    if meta.get("checkpoint"):  # trained elsewhere: no training here to describe
+        return [{**common, "metric": "params", "value": float(meta["params"]), "n": 1}]
     out = [
         {**common, "metric": "params", "value": float(meta["params"]), "n": 1},
         {**common, "metric": "train_steps", "value": float(meta["steps"]), "n": 1},

@@ -1,7 +1,7 @@
 """Where a suite's work runs: in this process (``local``) or as Ray tasks (``ray``).
 
 A suite run is a grid of training jobs (model x seed) and, for each, evaluation cells. The
-driver (:func:`capsbench.evaluate.run.run_suite`) plans the grid, hands it to an executor and
+driver (:func:`capsbench.evaluation.run.run_suite`) plans the grid, hands it to an executor and
 writes every result the executor reports as soon as it arrives, so a crash loses nothing
 finished. Executors yield events:
 
@@ -82,6 +82,8 @@ def job_meta(result: Any) -> dict[str, Any]:
         "params": count_parameters(result.model),
         "oom_retries": list(result.oom_retries),
         "trained_config": asdict(cfg),
+        "checkpoint": cfg.checkpoint,
+        "checkpoint_sha256": cfg.checkpoint_sha256,
         "host": socket.gethostname(),
         "pid": os.getpid(),
     }
@@ -92,6 +94,10 @@ def _prepare_process(ctx: RunContext) -> None:
     from capsbench.train.device import set_deterministic
 
     keep_freed_memory()
+    from capsbench.models.registry import resolve_model
+
+    for source in (ctx.extra.get("plugins") or {}).values():  # pkg.module:factory models, in this process too
+        resolve_model(source)
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
     if ctx.deterministic:
@@ -127,7 +133,7 @@ def evaluate_job_cells(
     log: Callable[[str], None] = print, persist: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``cells`` of one trained job (loading it from its checkpoint if not given)."""
-    from capsbench.evaluate.cells import evaluate_cells
+    from capsbench.evaluation.cells import evaluate_cells
     from capsbench.suites.base import get_suite
     from capsbench.train.device import resolve_device
     from capsbench.train.jobs import load_finished
