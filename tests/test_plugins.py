@@ -186,3 +186,28 @@ def test_claims_from_files_are_checked(tmp_path):
         with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
             capsbench.load_claims(bad)
     assert [c.name for c in capsbench.list_claims()][:3] == ["orientation", "pooling", "affNIST"]
+
+
+def test_a_plain_modules_own_weights_fit_its_wrapper_even_when_it_has_a_net(tmp_path):
+    """A plain module whose own attribute is called ``net`` (keys ``net.1.weight``): its state dict
+    loads into the wrapper (keys ``net.net.1.weight``) as it is, and so does the wrapper's."""
+    import torch
+    from torch import nn
+
+    from capsbench.models.base import as_classifier
+    from capsbench.train.jobs import load_weights
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+
+        def forward(self, x):
+            return self.net(x)
+
+    src, dst = Tiny(), as_classifier(Tiny(), "tiny", input_size=28)
+    load_weights(dst, src.state_dict(), tmp_path / "w.pt", "tiny")
+    assert torch.equal(dst.net.net[1].weight, src.net[1].weight)
+    load_weights(dst, as_classifier(Tiny(), "tiny").state_dict(), tmp_path / "w.pt", "tiny")
+    with pytest.raises(ConfigError, match="do not fit model 'tiny': 2 missing"):
+        load_weights(dst, {"other.weight": torch.zeros(1)}, tmp_path / "w.pt", "tiny")

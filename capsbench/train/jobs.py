@@ -200,8 +200,8 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     module's weights fit its :class:`~capsbench.models.base.PlainClassifier` wrapper too."""
     from capsbench.models.base import PlainClassifier
 
-    if isinstance(model, PlainClassifier) and not any(k.startswith("net.") for k in state):
-        state = {f"net.{k}": v for k, v in state.items()}
+    if isinstance(model, PlainClassifier) and set(state) == set(model.net.state_dict()):
+        state = {f"net.{k}": v for k, v in state.items()}  # the plain module's own weights
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
