@@ -13,22 +13,19 @@ def cmd_list(args: argparse.Namespace) -> int:
         from capsbench.errors import CapsbenchError
         from capsbench.models import count_parameters, create_model, list_models, model_info
 
-        def params(name: str, size: int) -> str:
+        def params(name: str, size: int) -> tuple[str, str | None]:
             try:
-                return f"{count_parameters(create_model(name, input_size=size)):,}"
-            except CapsbenchError:  # a plug-in that is broken, or takes one input size only
-                return "-"
+                return f"{count_parameters(create_model(name, input_size=size)):,}", None
+            except CapsbenchError as e:  # a plug-in that is broken, or takes one input size only
+                return "-", str(e)
 
         print(f"{'name':<18} {'family':<8} {'params@28':>12} {'params@40':>12}  source")
         broken = []
         for name in list_models():
             meta = model_info(name)
-            p28, p40 = params(name, 28), params(name, 40)
-            if p28 == p40 == "-":
-                try:
-                    create_model(name, input_size=28)
-                except CapsbenchError as e:
-                    broken.append(str(e))
+            (p28, why), (p40, _) = params(name, 28), params(name, 40)
+            if why is not None and p40 == "-":
+                broken.append(why)
             family = meta.get("family") or ("plug-in" if meta.get("source") else "?")
             source = meta.get("paper") or (f"{meta['source']} ({meta.get('plugin')})" if meta.get("source") else "")
             print(f"{name:<18} {family:<8} {p28:>12} {p40:>12}  {source}")

@@ -17,7 +17,7 @@ from torch import nn
 
 from capsbench.errors import ConfigError
 from capsbench.evaluation.run import run_suite
-from capsbench.models.registry import MODELS, resolve_model
+from capsbench.models.registry import MODELS, list_models
 from capsbench.report.claims import Claim, evaluate_claim, list_claims
 from capsbench.report.load import load_run, load_runs
 from capsbench.report.stats import holm
@@ -61,17 +61,15 @@ def evaluate(
     name = name or getattr(model, "model_name", None) or type(model).__name__.lower()
     if ":" in name or "/" in name:
         raise ConfigError(f"evaluate: name {name!r} may not hold ':' or '/'")
-    if name in MODELS:
+    if name in list_models():  # capsbench's and the installed plug-ins'
         factory = MODELS.get(name)
-        own = isinstance(factory, _ObjectFactory)
-        if own:
+        if isinstance(factory, _ObjectFactory):
             factory.model = model
         elif getattr(model, "model_name", None) != name:  # a capsbench model keeps its factory
             raise ConfigError(f"evaluate: the name {name!r} is taken by a registered model; pass name=...")
     else:
         MODELS.add(name, _ObjectFactory(model), source=f"object:{type(model).__module__}.{type(model).__qualname__}",
                    plugin="object")
-    resolve_model(name)
     out = Path(out)
     ckpt = out / "checkpoints" / f"{name}.pt"
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, ckpt)

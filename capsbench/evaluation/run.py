@@ -389,8 +389,8 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
         eval_indices=evaluation.get("indices"),
         deterministic=deterministic, progress=progress,
         speed={**asdict(speed), "curve": False},
-        extra={"plugins": {m: model_info(m)["source"] for m in models
-                           if model_info(m).get("plugin") == "module:factory"}},
+        extra={"plugins": {m: info["source"] for m, info in ((m, model_info(m)) for m in models)
+                           if info.get("plugin") == "module:factory"}},
     )
     runner = make_executor(executor, log=log, address=ray_address, cpus_per_task=cpus_per_task) \
         if executor == "ray" else make_executor(executor, log=log)
