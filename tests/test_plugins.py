@@ -211,3 +211,22 @@ def test_a_plain_modules_own_weights_fit_its_wrapper_even_when_it_has_a_net(tmp_
     load_weights(dst, as_classifier(Tiny(), "tiny").state_dict(), tmp_path / "w.pt", "tiny")
     with pytest.raises(ConfigError, match="do not fit model 'tiny': 2 missing"):
         load_weights(dst, {"other.weight": torch.zeros(1)}, tmp_path / "w.pt", "tiny")
+
+
+def test_a_checkpoint_that_is_not_a_file_of_tensors_gets_one_line_with_the_fix(tmp_path):
+    import torch
+    from torch import nn
+
+    from capsbench.train.config import TrainConfig
+    from capsbench.train.jobs import load_pretrained
+
+    pickled_module, text = tmp_path / "module.pt", tmp_path / "notes.pt"
+    torch.save({"model": nn.Linear(2, 2)}, pickled_module)  # a module object, not a state dict
+    text.write_text("not weights\n")
+    for path, reason in [(pickled_module, "Unsupported global: GLOBAL torch.nn.modules.linear.Linear"),
+                         (text, "Unsupported operand")]:
+        cfg = TrainConfig(model="lenet5", checkpoint=str(path))
+        with pytest.raises(ConfigError) as err:
+            load_pretrained(cfg, torch.device("cpu"))
+        line = str(err.value)
+        assert "\n" not in line and reason in line and "torch.save(model.state_dict(), PATH)" in line, line

@@ -216,6 +216,17 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     model.load_state_dict(state)
 
 
+def _load_failure(e: BaseException) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused, with the fix."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:  # torch's multi-paragraph message: keep its reason
+        reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
+        reason = reason.split(". ", 1)[0].split(" Check the documentation", 1)[0].rstrip(".")
+        return (f"not a file of tensors that torch.load(weights_only=True) reads ({reason[:160]}); "
+                "save the weights with torch.save(model.state_dict(), PATH)")
+    return f"cannot be read as a PyTorch file ({describe(e, 120)})"
+
+
 def load_pretrained(cfg: TrainConfig, device: torch.device) -> TrainResult:
     """The model of a ``checkpoint`` job, built as the suite's protocol needs it, with the file's weights."""
     path = Path(cfg.checkpoint or "")
@@ -224,7 +235,7 @@ def load_pretrained(cfg: TrainConfig, device: torch.device) -> TrainResult:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"--checkpoint {path}: cannot be read as a PyTorch file ({describe(e, 120)})") from None
+        raise ConfigError(f"--checkpoint {path}: {_load_failure(e)}") from None
     model = build_model(cfg, torch.device("cpu"))
     load_weights(model, _state_dict(obj, path), path, cfg.model)
     model = model.to(device)
