@@ -112,6 +112,35 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def save_predictions(folder: str | os.PathLike, cell: str, arrays: Mapping[str, Any]) -> Path:
+    """Write one cell's per-image predictions as ``<folder>/<cell>.npz`` (atomically): plain
+    NumPy arrays (``pred``, ``label`` int16, ``conf_true`` float16), readable without torch
+    (``numpy.load``)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                     for k, v in arrays.items()})
+    return atomic_write_bytes(Path(folder) / f"{cell}.npz", buf.getvalue())
+
+
+def read_predictions(folder: str | os.PathLike, cell: str) -> dict[str, Any] | None:
+    """One cell's per-image predictions as NumPy arrays, or None when there are none. Reads
+    ``<cell>.npz`` and, from runs written before that format, ``<cell>.pt`` (a torch file of
+    tensors); raises on a damaged file."""
+    import numpy as np
+
+    folder = Path(folder)
+    npz, pt = folder / f"{cell}.npz", folder / f"{cell}.pt"
+    if npz.is_file():
+        with np.load(npz, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    if pt.is_file():
+        d = torch.load(pt, weights_only=True)
+        return {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in d.items()}
+    return None
+
+
 def stable_hash(obj: Any, length: int = 12) -> str:
     """A short hash of a JSON-able object, stable across processes and machines."""
     text = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))

@@ -230,3 +230,14 @@ def test_a_checkpoint_that_is_not_a_file_of_tensors_gets_one_line_with_the_fix(t
             load_pretrained(cfg, torch.device("cpu"))
         line = str(err.value)
         assert "\n" not in line and reason in line and "torch.save(model.state_dict(), PATH)" in line, line
+
+
+def test_a_run_with_failing_cells_exits_1_and_says_how_many(plugins, data_root, tmp_path):
+    proc = cli("run", "--suite", "part_shuffle", "--profile", "smoke", "--models", "capsbench_toy:toy_fails_late",
+               "--seeds", "1", "--out", str(tmp_path), "--data-root", str(data_root), "--no-progress")
+    assert proc.returncode == 1, proc.stderr
+    n_cells = len(json.loads((tmp_path / "part_shuffle-smoke" / "run.json").read_text())["suite"]["cells"])
+    assert f"0 training job(s) and {n_cells - 1} cell(s) failed" in proc.stderr
+    meta = json.loads((tmp_path / "part_shuffle-smoke" / "run.json").read_text())
+    assert meta["status"] == "finished_with_failures" and meta["failed"] == {"jobs": 0, "cells": n_cells - 1}
+    assert "report: " in proc.stdout  # the report is still written

@@ -45,8 +45,8 @@ def test_ray_run_gives_the_same_rows_as_a_local_run(tmp_path, data_root, local_r
     assert meta["executor"] == "ray" and meta["status"] == "finished"
     assert {j["seed"] for j in meta["jobs"]} == {0, 1}
     assert all(j["pid"] != os.getpid() for j in meta["jobs"])  # trained in Ray workers
-    preds = sorted(p.relative_to(distributed) for p in (distributed / "predictions").glob("*/*.pt"))
-    assert preds == sorted(p.relative_to(local) for p in (local / "predictions").glob("*/*.pt"))
+    preds = sorted(p.relative_to(distributed) for p in (distributed / "predictions").glob("*/*.npz"))
+    assert preds == sorted(p.relative_to(local) for p in (local / "predictions").glob("*/*.npz"))
     assert not list(distributed.glob("**/.*.tmp")) and not (distributed / ".lock").exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import warnings
@@ -92,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"capsbench: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`capsbench list models | head -1`): end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that Python's flush at exit does not complain
+        return 141  # as a process killed by SIGPIPE
     except KeyboardInterrupt:
         print("capsbench: interrupted; finished work is saved and a rerun resumes it", file=sys.stderr)
         return 130

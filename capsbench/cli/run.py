@@ -55,15 +55,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         checkpoints=ckpts or None,
     )
     if not args.no_report:
-        try:
-            from capsbench.report.build import verdict_lines, write_report
-        except ImportError:
-            return 0
+        from capsbench.report.build import verdict_lines, write_report
+
         path = write_report([run_dir], run_dir / "report")
         for line in verdict_lines(run_dir / "report"):
             print(line)
         print(f"report: {path}")
-    return 0
+    return failure_exit(run_dir)
+
+
+def failure_exit(run_dir) -> int:
+    """Exit code 1, with one line on stderr, when jobs or cells of the run folder failed."""
+    import json
+
+    failed = json.loads((run_dir / "run.json").read_text()).get("failed") or {}
+    jobs, cells = int(failed.get("jobs", 0)), int(failed.get("cells", 0))
+    if not jobs and not cells:
+        return 0
+    print(f"capsbench: {jobs} training job(s) and {cells} cell(s) failed; their errors are the rows with "
+          f"an 'error' in {run_dir / 'results.csv'} (a rerun tries them again)", file=sys.stderr)
+    return 1
 
 
 def add_commands(sub, add_common) -> None:

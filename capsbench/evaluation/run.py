@@ -5,7 +5,7 @@ Layout of ``--out`` (default ``runs/``)::
     runs/jobs/<job>/checkpoint.pt, job.json      training jobs, shared by every suite and run
     runs/<suite>-<profile>/results.csv           tidy rows, rewritten atomically after each cell
     runs/<suite>-<profile>/run.json              resolved suite, configuration, provenance
-    runs/<suite>-<profile>/predictions/<job>/<cell>.pt   per-image predictions (paired tests)
+    runs/<suite>-<profile>/predictions/<job>/<cell>.npz  per-image predictions (paired tests; NumPy)
     runs/<suite>-<profile>/.lock, runs/jobs/<job>/.lock   held while a run / a training job is live
 
 A second run into the same folder finds the finished jobs and cells and recomputes nothing;
@@ -323,11 +323,12 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
     def add_job(key: str, entry: dict[str, Any]) -> None:  # key: the planned job's (as in the rows)
         jobs[key] = _merged_job(jobs.get(key), entry)
 
-    def write_run_json(status: str) -> None:
+    def write_run_json(status: str, failed: Mapping[str, int] | None = None) -> None:
         write_json(
             run_dir / "run.json",
             {
                 "status": status,
+                "failed": dict(failed) if failed is not None else None,
                 "command": command,
                 "commands": commands,
                 "suite": suite.describe(eval_data),
@@ -418,9 +419,18 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
             write_rows_csv(results_path, rows)
     finally:
         runner.close()
-    write_run_json("finished")
+    failed = failures(rows)
+    write_run_json("finished" if not any(failed.values()) else "finished_with_failures", failed)
     log(f"{suite.name}: done in {time.perf_counter() - t0:.0f} s; results in {results_path}")
     return run_dir
+
+
+def failures(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many training jobs and evaluation cells of a run folder's rows failed (their
+    error rows: ``train_error`` for a job, ``error`` for a cell)."""
+    jobs = {r["job_key"] for r in rows if r.get("metric") == "train_error"}
+    cells = {(r["job_key"], r["cell"]) for r in rows if r.get("metric") == "error"}
+    return {"jobs": len(jobs), "cells": len(cells)}
 
 
 # Settings recorded in run.json that change what a run's jobs compute (their job keys, or

@@ -17,6 +17,7 @@ from capsbench.store import (
     PROVENANCE_COLUMNS,
     TEXT_COLUMNS,
     VALUE_COLUMNS,
+    read_predictions,
 )
 
 # The clean (untransformed) cell of each suite: its accuracy stands beside every robustness number.
@@ -102,18 +103,16 @@ class Run:
         key = self.job_key(model, seed)
         if key is None:
             return None
-        path = self.path / "predictions" / f"{model}-s{seed}-{key}" / f"{cell}.pt"
-        if not path.is_file():
-            return None
-        import torch
-
+        folder = self.path / "predictions" / f"{model}-s{seed}-{key}"
         try:
-            d = torch.load(path, weights_only=True)
-            out = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in d.items()}
+            out = read_predictions(folder, cell)
+            if out is None:
+                return None
             if not {"pred", "label"} <= set(out) or len(out["pred"]) != len(out["label"]):
                 raise ValueError("no per-image 'pred' and 'label' of one length in it")
         except Exception as e:  # cut off or garbled: that cell is missing, the report goes on
-            self.unreadable[str(path)] = describe(e, 120)
+            name = next((p for p in (folder / f"{cell}.npz", folder / f"{cell}.pt") if p.is_file()), folder)
+            self.unreadable[str(name)] = describe(e, 120)
             return None
         return out
 

@@ -116,7 +116,8 @@ def predict(
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    return (scores.argmax(1) == labels.to(scores.device)).float().mean().item()
+    """Fraction correct, as a count over n (exact: 4200 of 5000 is 0.84, not float32's 0.8399999)."""
+    return int((scores.argmax(1) == labels.to(scores.device)).sum()) / max(1, int(labels.shape[0]))
 
 
 @dataclass(frozen=True)

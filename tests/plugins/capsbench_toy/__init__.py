@@ -50,3 +50,23 @@ def toy_wrong_output(input_size: int = 28) -> nn.Module:
 def toy_fixed_size() -> nn.Module:
     """Takes no input_size: 28x28 only."""
     return ToyCNN(28)
+
+
+
+class _FailsAfterFirstCell(ToyCNN):
+    """Trains, scores its first cell, then raises on every later scoring batch: real failing cells."""
+
+    def __init__(self, input_size: int = 28) -> None:
+        super().__init__(input_size)
+        self.scored_batches = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and x.shape[0] > 2:  # a scoring batch, not the load-time check's two images
+            self.scored_batches += 1
+            if self.scored_batches > 1:
+                raise RuntimeError("the toy model fails on this cell on purpose")
+        return super().forward(x)
+
+
+def toy_fails_late(input_size: int = 28) -> nn.Module:
+    return _FailsAfterFirstCell(input_size)
