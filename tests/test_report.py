@@ -244,7 +244,7 @@ def test_every_figure_exists_and_is_not_blank(built):
         "rotation_rotation-smoke.png", "examples_rotation-smoke.png", "reconstructions_rotation-smoke.png",
         "capsule_dims_rotation-smoke.png", "part_shuffle_part_shuffle-smoke.png", "examples_part_shuffle-smoke.png",
         "translation_translation-smoke.png", "examples_translation-smoke.png", "affnist_affnist-smoke.png",
-        "examples_affnist-smoke.png",
+        "examples_affnist-smoke.png", "claims.png", "rotation_difference_rotation-smoke.png",
     ]
     found = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert set(expected) <= set(found), found
@@ -443,7 +443,7 @@ def test_a_garbled_predictions_file_leaves_its_cell_out_not_the_report(runs, tmp
 
     run_dir = tmp_path / "rotation-smoke"
     shutil.copytree(runs["rotation"], run_dir)
-    (bad,) = run_dir.glob("predictions/capsnet-s1-*/rot+15.pt")
+    (bad,) = run_dir.glob("predictions/capsnet-s1-*/rot+15.pt")  # written in the format before .npz
     bad.write_bytes(b"junk")
     meta = json.loads((run_dir / "run.json").read_text())
     ckpt = Path(meta["jobs"][0]["job_dir"]) / "checkpoint.pt"
@@ -537,3 +537,46 @@ def test_verdict_lines_name_each_evaluated_claim_and_why(built):
     affnist = next(line for line in lines if line.startswith("claim affNIST"))
     assert "inconclusive" in affnist and "Why:" in affnist
     assert report.verdict_lines(out / "nowhere") == []
+
+
+def test_leaderboard_holds_one_row_per_model_and_run_with_the_results_numbers(runs, built):
+    out, _ = built
+    board = pd.read_csv(out / "leaderboard.csv", keep_default_na=False, na_values=[""])
+    records = json.loads((out / "leaderboard.json").read_text())
+    assert len(records) == len(board) == 4 * 2 and list(records[0]) == list(board.columns)
+    res = pd.read_csv(runs["rotation"] / "results.csv")
+    distinct = res[(res.metric == "accuracy") & res.direction.isin(["cw", "ccw"]) & (res.cell != "rot-180")]
+    for model in ("capsnet", "cnn_maxpool"):
+        row = board[(board.suite == "rotation") & (board.model == model)].iloc[0]
+        assert row.robust_cells == distinct.cell.nunique() and row.seeds == 3
+        assert row.robust_accuracy_pct == pytest.approx(100 * distinct[distinct.model == model].value.mean(), abs=0.006)
+        assert row.robust_ci_low_pct < row.robust_accuracy_pct < row.robust_ci_high_pct
+        clean = res[(res.metric == "accuracy") & (res.cell == "rot0") & (res.model == model)].value.mean()
+        assert row.clean_accuracy_pct == pytest.approx(100 * clean, abs=0.006)
+        assert row.params == PARAMS[model] and row.family in ("capsule", "cnn") and row.gflops_per_image > 0
+        assert row.ci_note == "test images and seeds"
+    one = board[board.suite == "translation"].iloc[0]
+    assert one.seeds == 1 and one.ci_note.startswith("test images only")
+    assert np.isfinite(one.robust_ci_low_pct)  # the images' interval, with one seed
+    assert all(len(f"{v}".split(".")[-1]) <= 2 for v in board.robust_accuracy_pct)  # rounded to 0.01 point
+
+
+def test_the_report_leads_with_its_answer_and_a_table_of_contents_whose_links_resolve(built):
+    import re
+
+    out, index = built
+    md = (out / "report.md").read_text()
+    heads = [ln for ln in md.splitlines() if ln.startswith("## ")]
+    assert heads[0] == "## Answer"
+    answer = md.split("## Answer", 1)[1].split("\n## ", 1)[0]
+    verdicts = pd.read_csv(out / "tables" / "verdicts.csv", keep_default_na=False)
+    for _, v in verdicts[verdicts.run != ""].iterrows():  # one sentence per judged claim, with its verdict
+        assert f"- {v.claim} ({v.run}): " in answer and v.verdict in answer
+    assert "figures/claims.png" in answer and "Contents: " in answer
+    md_anchors = re.findall(r"\]\(#([^)]+)\)", answer)
+    assert len(md_anchors) == len(heads)
+    text = index.read_text()
+    ids = set(re.findall(r'<h[1-6] id="([^"]+)"', text))
+    links = re.findall(r'<a href="#([^"]+)"', text)
+    assert links and set(links) <= ids and set(md_anchors) == set(links)
+    assert text.index('id="answer"') < text.index('class="toc"') < text.index('id="claim-verdicts"')

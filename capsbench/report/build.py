@@ -47,11 +47,14 @@ from capsbench.report.figures import (
     fig_affnist,
     fig_capsnet,
     fig_cells,
+    fig_claims,
     fig_examples,
     fig_part_shuffle,
     fig_rotation,
+    fig_rotation_difference,
     fig_translation,
 )
+from capsbench.report.leaderboard import leaderboard, write_leaderboard
 from capsbench.report.load import METRIC_ORDER, TABLE1_PROTOCOL, Run, load_runs
 from capsbench.report.render import (
     Doc,
@@ -325,6 +328,20 @@ def _verdict_table(verdicts: Sequence[Verdict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def lead_sentence(v: Verdict) -> str:
+    """One sentence for the top of the report: the claim, its verdict, the difference with its
+    interval and seeds, and the clean-digit difference beside it."""
+    head = f"{v.claim} ({v.run}): {v.statement}: {v.verdict}"
+    if not np.isfinite(v.difference):
+        return f"{head}. " + (v.notes[0] if v.notes else "")
+    out = (f"{head}, {v.comparison} = {100 * v.difference:+.2f} points ({v.measure}), 95% CI "
+           f"{100 * v.ci_low:+.2f} to {100 * v.ci_high:+.2f}, {v.n_seeds} seed(s)")
+    if np.isfinite(v.clean_difference):
+        out += (f"; on clean digits {100 * v.clean_difference:+.2f} points "
+                f"({100 * v.clean_ci_low:+.2f} to {100 * v.clean_ci_high:+.2f})")
+    return out + "."
+
+
 def verdict_lines(report_dir: str | Path) -> list[str]:
     """One line per claim evaluated in the report at ``report_dir`` (from tables/verdicts.csv),
     for the terminal: the verdict, the difference and its interval, the seeds, and for a verdict
@@ -424,13 +441,30 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     doc.p(f"Generated {_dt.datetime.now().astimezone().isoformat(timespec='seconds')} from "
           f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}: "
           + ", ".join(f"{r.label} (suite {r.suite})" for r in runs) + ".")
+
+    # The answer first: one sentence per claim, and every claim in one figure
+    doc.h(2, "Answer")
+    judged = [v for v in verdicts if v.run]
+    doc.bullets([lead_sentence(v) for v in judged] or ["No claim could be judged: no run of a claim's suite was given."])
+    try:
+        fig = fig_claims(judged, figs_dir / "claims.png")
+    except Exception as e:  # a figure that cannot be drawn is reported, not fatal
+        fig = None
+        skipped_early = [f"claims summary figure: {type(e).__name__}: {e}"]
+    else:
+        skipped_early = []
+    if fig is not None:
+        doc.figure(fig, "Each claim's difference A - B in percentage points with its 95% interval over test images "
+                        "and seeds (filled, coloured by verdict), the same two models' difference on clean digits "
+                        "(hollow, grey), and the +-1 point band inside which a difference is negligible.")
+    doc.toc()
     doc.p("Numbers are percentages. Beside every model: its parameter count and its clean accuracy (the "
           "suite's untransformed cell). With several seeds a value is the mean ± the half-width of the t 95% "
           "confidence interval over seeds; with one seed the interval over seeds is n/a (1 seed) and the "
           "binomial Wilson 95% interval over that seed's test images is shown instead, labelled 'Wilson'.")
 
     tables: dict[str, pd.DataFrame] = {}
-    skipped: list[str] = []
+    skipped: list[str] = list(skipped_early)
 
     # Claims
     doc.h(2, "Claim verdicts")
@@ -448,6 +482,16 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     tables["verdicts"] = pd.DataFrame([v.as_row() for v in verdicts])
     doc.table(vt, csv_name="verdicts")
     doc.bullets([f"{c.name}: {c.statement}; A = {c.a}, B = {c.b}." for c in claims])
+
+    # Leaderboard: the same numbers as leaderboard.csv / .json beside the report
+    board = leaderboard(suite_runs)
+    write_leaderboard(board, out_dir)
+    doc.h(2, "Leaderboard")
+    doc.p("One row per model and run (leaderboard.csv and leaderboard.json beside this report, for scripts). "
+          "Accuracy in percent with its 95% interval over test images and seeds (test images only with one "
+          "seed); robust accuracy: the mean over the suite's transformed cells, each distinct rotation once; "
+          "GFLOPs: one inference pass per image; training images/s: the mean over the model's jobs.")
+    doc.table(board.drop(columns=["ci_note"]).rename(columns=lambda c: c.replace("_pct", " (%)").replace("_", " ")))
 
     # Paper
     doc.h(2, "Comparison with the paper")
@@ -575,8 +619,8 @@ def _run_figures(run: Run, summary: pd.DataFrame, figs_dir: Path, data_root: str
     }
     what, fn, key = plots.get(run.suite, ("accuracy per cell", fig_cells, "cells"))
     captions = {
-        "rotation": "Accuracy vs rotation angle (mean of both directions; 0 is the clean cell). Band: t 95% CI "
-                    "over seeds, or the Wilson 95% interval over images with one seed.",
+        "rotation": "Accuracy vs rotation angle, counter-clockwise (> 0) and clockwise (< 0) apart; 0 is the clean "
+                    "cell. Band: t 95% CI over seeds, or the Wilson 95% interval over images with one seed.",
         "translation": "Accuracy for each shift (dx, dy) of the test digits on the 40x40 canvas, one panel per model.",
         "affnist": "Accuracy on expanded MNIST and affNIST per model (error bars: t 95% CI over seeds or Wilson "
                    "with one seed); dashed lines: the paper's 79% (CapsNet) and 66% (CNN) on affNIST.",
@@ -595,6 +639,21 @@ def _run_figures(run: Run, summary: pd.DataFrame, figs_dir: Path, data_root: str
         return Figure(path, f"{run.label}: {captions[key]}")
 
     attempt(what, main_plot)
+
+    pair = run.suite_meta.get("claim_models") or []
+    if run.suite in ("rotation", "fashion_rotation") and len(pair) == 2:
+        a, b = pair
+
+        def difference():
+            path = fig_rotation_difference(run, a, b, figs_dir / f"rotation_difference_{slug}.png")
+            if path is None:
+                skipped.append(f"{run.label}: {a} - {b} by rotation angle: no paired predictions of both models")
+                return None
+            return Figure(path, f"{run.label}: {a} - {b} accuracy at each rotation angle, clockwise (< 0) and "
+                                "counter-clockwise (> 0) apart, paired on the same test images; band: 95% CI over "
+                                "test images and seeds; grey: the +-1 point band of a negligible difference.")
+
+        attempt(f"{a} - {b} by rotation angle", difference)
 
     def examples():
         path, note = fig_examples(run, figs_dir / f"examples_{slug}.png", data_root)

@@ -200,6 +200,10 @@ class Verdict:
     se_seeds: float = float("nan")
     p_value: float = float("nan")
     p_holm: float = float("nan")  # Holm-adjusted over the claims of one report
+    # A - B on the run's clean cell (same seeds, same images), beside the claim's difference
+    clean_difference: float = float("nan")
+    clean_ci_low: float = float("nan")
+    clean_ci_high: float = float("nan")
     pairs: int = 0
     n_seeds: int = 0
     verdict: str = "not evaluated"
@@ -210,17 +214,19 @@ class Verdict:
             "claim": self.claim, "run": self.run, "comparison": self.comparison, "measure": self.measure,
             "difference": self.difference, "ci_low": self.ci_low, "ci_high": self.ci_high,
             "se_images": self.se_images, "se_seeds": self.se_seeds, "p_value": self.p_value,
-            "p_holm": self.p_holm,
+            "p_holm": self.p_holm, "clean_difference": self.clean_difference, "clean_ci_low": self.clean_ci_low,
+            "clean_ci_high": self.clean_ci_high,
             "pairs": self.pairs, "seeds": self.n_seeds, "verdict": self.verdict, "notes": " ".join(self.notes),
         }
 
 
-def _claim_cells(claim: Claim, run: Run) -> list[str]:
+def select_cells(which: str | Sequence[str], run: Run) -> list[str]:
+    """The cells of ``run`` that ``which`` names: a list of cell names, or a key of ``CELL_SELECTORS``."""
     cells = run.suite_meta.get("cells", []) or []
-    if not isinstance(claim.cells, str):
-        return [c["name"] for c in cells if c.get("name") in claim.cells]
+    if not isinstance(which, str):
+        return [c["name"] for c in cells if c.get("name") in which]
     rotations = any(c.get("transform") == "rotation" for c in cells)
-    if claim.cells == "rotations" or (claim.cells == "transformed" and rotations):
+    if which == "rotations" or (which == "transformed" and rotations):
         # one cell per distinct rotation: +180 and -180 degrees are the same image, pooled once
         seen, out = set(), []
         for c in cells:
@@ -232,7 +238,7 @@ def _claim_cells(claim: Claim, run: Run) -> list[str]:
                 seen.add(signed)
                 out.append(c["name"])
         return out
-    if claim.cells == "part_shuffle":
+    if which == "part_shuffle":
         return [c["name"] for c in cells if c.get("transform") == "part_shuffle"]
     return [c["name"] for c in cells if c.get("name") != run.clean_cell]  # "transformed"
 
@@ -256,7 +262,7 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
         what = f"model {absent[0]} has" if len(absent) == 1 else f"models {' and '.join(absent)} have"
         v.notes.append(f"{what} no results in {run.label} (models with results: {', '.join(present) or 'none'}).")
         return v
-    cells = _claim_cells(claim, run)
+    cells = select_cells(claim.cells, run)
     if not cells:
         v.notes.append(f"{run.label} has no cells this claim uses.")
         return v
@@ -312,11 +318,15 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
                       f"Standard error {_pp(v.se_images)} pp from test-image sampling"
                       + (f", {_pp(v.se_seeds)} pp from training (seed to seed)." if v.n_seeds >= MIN_SEEDS
                          else "; training variance unknown with one seed: run --seeds 3 or more for a verdict."))
+    clean_seeds = [k for k in seeds if k in clean_units]
+    clean = None
+    if clean_seeds:
+        clean = compare_paired([clean_units[k][0] for k in clean_seeds], [clean_units[k][1] for k in clean_seeds],
+                               clean_seeds)
+        v.clean_difference, v.clean_ci_low, v.clean_ci_high = clean["difference"], clean["ci_low"], clean["ci_high"]
     if claim.measure == "accuracy" and claim.clean_check:
-        _clean_check(v, claim, run, a_units, b_units, unit_seeds, clean_units)
-    elif clean_units and claim.clean_check:
-        clean = compare_paired([clean_units[k][0] for k in clean_units], [clean_units[k][1] for k in clean_units],
-                               list(clean_units))
+        _clean_check(v, claim, run, a_units, b_units, unit_seeds, clean_units, clean)
+    elif clean is not None and claim.clean_check:
         v.notes.append(f"On the clean cell ({run.clean_cell}) {claim.a} - {claim.b} = {_pp(clean['difference'], True)} "
                        f"pp [{_pp(clean['ci_low'], True)}, {_pp(clean['ci_high'], True)}].")
     if claim.needs_matched:
@@ -334,7 +344,7 @@ def _pp(x: float, sign: bool = False) -> str:
     return f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}"
 
 
-def _clean_check(v: Verdict, claim: Claim, run: Run, a_units, b_units, unit_seeds, clean_units) -> None:
+def _clean_check(v: Verdict, claim: Claim, run: Run, a_units, b_units, unit_seeds, clean_units, clean) -> None:
     """An accuracy claim on transformed cells against the clean cell: note the clean difference
     and the difference in differences (the advantage on transformed digits beyond the one on
     clean digits), and withhold 'supported' unless the latter's CI is above 0."""
@@ -345,8 +355,6 @@ def _clean_check(v: Verdict, claim: Claim, run: Run, a_units, b_units, unit_seed
             v.notes.append("Verdict 'inconclusive' instead of 'supported': the clean-accuracy check could not be made.")
             v.verdict = "inconclusive"
         return
-    seeds = sorted(set(unit_seeds))
-    clean = compare_paired([clean_units[k][0] for k in seeds], [clean_units[k][1] for k in seeds], seeds)
     did = compare_paired([u.astype(float) - clean_units[k][0] for u, k in zip(a_units, unit_seeds, strict=True)],
                          [u.astype(float) - clean_units[k][1] for u, k in zip(b_units, unit_seeds, strict=True)],
                          unit_seeds)
@@ -417,3 +425,26 @@ def _affnist_notes(run: Run, claim: Claim) -> tuple[list[str], bool]:
         notes.append("Evaluated on the generated affNIST-style set (affnist_synth), not the real affNIST; "
                      "numbers are not directly comparable with the paper's.")
     return notes, matched
+
+
+def difference_by_cell(run: Run, a: str, b: str, cells: Sequence[str] | None = None) -> pd.DataFrame:
+    """A - B accuracy (fractions) on each cell of ``run``, paired on the same test images, with
+    its 95% interval over images and seeds (:func:`compare_paired`); one row per cell with both
+    models' predictions in every shared seed (columns: cell, difference, ci_low, ci_high, n_seeds)."""
+    seeds = sorted(set(run.seeds(a)) & set(run.seeds(b)))
+    rows = []
+    for cell in cells if cells is not None else run.cell_names:
+        a_units, b_units, unit_seeds = [], [], []
+        for seed in seeds:
+            pa, pb = run.predictions(a, seed, cell), run.predictions(b, seed, cell)
+            if pa is None or pb is None or not np.array_equal(pa["label"], pb["label"]):
+                break
+            a_units.append(pa["pred"] == pa["label"])
+            b_units.append(pb["pred"] == pb["label"])
+            unit_seeds.append(seed)
+        else:
+            if a_units:
+                res = compare_paired(a_units, b_units, unit_seeds)
+                rows.append({"cell": cell, "difference": res["difference"], "ci_low": res["ci_low"],
+                             "ci_high": res["ci_high"], "n_seeds": res["n_seeds"]})
+    return pd.DataFrame(rows, columns=["cell", "difference", "ci_low", "ci_high", "n_seeds"])

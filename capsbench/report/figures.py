@@ -3,6 +3,7 @@ reconstructions and capsule dimensions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+PCT_COLUMNS = ("mean", "ci_low", "ci_high", "wilson_low", "wilson_high")
+
+
+def _in_percent(s: pd.DataFrame) -> pd.DataFrame:
+    """The summary's means and interval edges in percent (every figure's unit, as the tables')."""
+    s = s.copy()
+    for c in PCT_COLUMNS:
+        if c in s.columns:
+            s[c] = 100 * s[c].astype(float)
+    return s
+
+
 def _band(sub: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str]:
     """Lower and upper edges of the interval drawn around a mean: t CI, else Wilson."""
     multi = (sub["n_seeds"] >= 2).all()
@@ -43,33 +56,111 @@ def _band(sub: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str]:
     return sub["wilson_low"].to_numpy(float), sub["wilson_high"].to_numpy(float), "Wilson 95% over images (1 seed)"
 
 
+def _signed_angle(df: pd.DataFrame) -> pd.Series:
+    """Rotation angle in degrees, counter-clockwise positive, clockwise negative (0 for the clean cell)."""
+    sign = np.where(df["direction"].astype(str) == "cw", -1.0, 1.0)
+    return pd.Series(sign * df["angle"].astype(float).to_numpy(), index=df.index)
+
+
 def fig_rotation(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
     s = summary[(summary["run_id"] == run.label) & (summary["metric"] == "accuracy")]
     if "direction" not in s.columns or "angle" not in s.columns:
         return None
-    s = s[(s["direction"] == "mean") | (s["cell"] == run.clean_cell)]
+    s = _in_percent(s[s["direction"].isin(["cw", "ccw"]) | (s["cell"] == run.clean_cell)])
     if s.empty:
         return None
+    s = s.assign(signed=_signed_angle(s))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     kinds = set()
     for model in _model_order(run, s):
-        sub = s[s["model"] == model].sort_values("angle")
-        x = sub["angle"].to_numpy(float)
+        sub = s[s["model"] == model].sort_values("signed")
+        x = sub["signed"].to_numpy(float)
         lo, hi, kind = _band(sub)
         kinds.add(kind)
         (line,) = ax.plot(x, sub["mean"].to_numpy(float), marker="o", ms=3, label=model)
         ok = np.isfinite(lo) & np.isfinite(hi)
         if ok.any():
             ax.fill_between(x[ok], lo[ok], hi[ok], color=line.get_color(), alpha=0.2, lw=0)
-    ax.axhline(0.1, color="grey", ls=":", lw=1, label="chance")
-    ax.set_xlabel("rotation angle (degrees; mean of clockwise and counter-clockwise)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_xticks(sorted(s["angle"].dropna().unique()))
+    ax.axhline(10, color="grey", ls=":", lw=1, label="chance")
+    ax.set_xlabel("rotation angle (degrees; counter-clockwise > 0, clockwise < 0)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 102)
+    ticks = sorted(s["signed"].dropna().unique())
+    ax.set_xticks(ticks[::2] if len(ticks) > 13 else ticks)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{run.label}: accuracy vs rotation (band: {', '.join(sorted(kinds))})", fontsize=9)
+    return _save(fig, path)
+
+
+def fig_rotation_difference(run: Run, a: str, b: str, path: Path) -> Path | None:
+    """A - B accuracy by signed rotation angle (clockwise < 0), with its 95% interval over test
+    images and seeds and the +-1 point band inside which a difference counts as negligible."""
+    from capsbench.report.claims import difference_by_cell
+
+    cells = [c for c in run.suite_meta.get("cells", []) or [] if c.get("transform") == "rotation"]
+    if not cells or not {a, b} <= set(run.models()):
+        return None
+    d = difference_by_cell(run, a, b, [c["name"] for c in cells])
+    if d.empty:
+        return None
+    meta = {c["name"]: c.get("params") or {} for c in cells}
+    d["signed"] = [(-1 if meta[c].get("direction") == "cw" else 1) * float(meta[c].get("angle", 0)) for c in d["cell"]]
+    d = d.sort_values("signed")
+    x = d["signed"].to_numpy(float)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    ax.axhspan(-1, 1, color="grey", alpha=0.15, lw=0, label="+-1 point: negligible")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.fill_between(x, 100 * d["ci_low"].to_numpy(float), 100 * d["ci_high"].to_numpy(float), color="tab:blue",
+                    alpha=0.25, lw=0, label="95% CI (test images and seeds)")
+    ax.plot(x, 100 * d["difference"].to_numpy(float), marker="o", ms=3, color="tab:blue", label=f"{a} - {b}")
+    ax.set_xlabel("rotation angle (degrees; counter-clockwise > 0, clockwise < 0)")
+    ax.set_ylabel("accuracy difference (points)")
+    ticks = sorted(set(x))
+    ax.set_xticks(ticks[::2] if len(ticks) > 13 else ticks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{run.label}: {a} - {b} accuracy by rotation angle ({int(d['n_seeds'].max())} seed(s))", fontsize=9)
+    return _save(fig, path)
+
+
+VERDICT_COLOURS = {"supported": "#0a6b0a", "refuted": "#a40000", "negligible": "#444444", "inconclusive": "#b08800"}
+
+
+def fig_claims(verdicts: Sequence, path: Path) -> Path | None:
+    """One row per evaluated claim: its difference with the 95% interval (coloured by verdict),
+    the same two models' difference on clean digits beside it (grey), and the +-1 point band."""
+    rows = [v for v in verdicts if np.isfinite(v.difference)]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.9 * len(rows) + 1.4))
+    ax.axvspan(-1, 1, color="grey", alpha=0.15, lw=0)
+    ax.axvline(0, color="grey", lw=0.8)
+    for i, v in enumerate(rows):
+        y = len(rows) - 1 - i
+        colour = VERDICT_COLOURS.get(v.verdict, "black")
+        ax.errorbar(100 * v.difference, y + 0.12, xerr=[[100 * (v.difference - v.ci_low)], [100 * (v.ci_high - v.difference)]],
+                    fmt="o", color=colour, capsize=4, ms=7, lw=2)
+        ax.annotate(f"{v.verdict}: {100 * v.difference:+.2f} [{100 * v.ci_low:+.2f}, {100 * v.ci_high:+.2f}]",
+                    (100 * v.ci_high, y + 0.12), xytext=(6, -4), textcoords="offset points", fontsize=8, color=colour)
+        if np.isfinite(v.clean_difference):
+            ax.errorbar(100 * v.clean_difference, y - 0.22,
+                        xerr=[[100 * (v.clean_difference - v.clean_ci_low)], [100 * (v.clean_ci_high - v.clean_difference)]],
+                        fmt="o", mfc="white", color="grey", capsize=3, ms=5, lw=1)
+    ax.set_yticks(range(len(rows)), [f"{v.claim} ({v.run})\n{v.comparison}, {v.measure}" for v in reversed(rows)],
+                  fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    lo = min(100 * min(v.ci_low, v.clean_ci_low if np.isfinite(v.clean_ci_low) else v.ci_low) for v in rows)
+    hi = max(100 * max(v.ci_high, v.clean_ci_high if np.isfinite(v.clean_ci_high) else v.ci_high) for v in rows)
+    span = max(hi, 1.5) - min(lo, -1.5)
+    ax.set_xlim(min(lo, -1.5) - 0.05 * span, max(hi, 1.5) + 0.45 * span)  # room for the labels on the right
+    ax.set_xlabel("difference A - B (percentage points); filled: the claim's cells, hollow grey: clean digits; "
+                  "shaded: +-1 point", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Claims: difference with its 95% interval (test images and seeds)", fontsize=9)
     return _save(fig, path)
 
 
@@ -77,7 +168,7 @@ def fig_translation(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
     s = summary[(summary["run_id"] == run.label) & (summary["metric"] == "accuracy")]
     if "dx" not in s.columns or "dy" not in s.columns:
         return None
-    s = s.dropna(subset=["dx", "dy"])
+    s = _in_percent(s.dropna(subset=["dx", "dy"]))
     models = _model_order(run, s)
     if not models:
         return None
@@ -87,7 +178,7 @@ def fig_translation(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
     for ax, model in zip(axes[0], models, strict=True):
         piv = s[s["model"] == model].pivot_table(index="dy", columns="dx", values="mean", aggfunc="mean")
         piv = piv.sort_index(ascending=False)
-        im = ax.imshow(piv.to_numpy(float), vmin=0, vmax=1, cmap="viridis", aspect="equal")
+        im = ax.imshow(piv.to_numpy(float), vmin=0, vmax=100, cmap="viridis", aspect="equal")
         ax.set_xticks(range(piv.shape[1]), [f"{int(v):+d}" for v in piv.columns], fontsize=7)
         ax.set_yticks(range(piv.shape[0]), [f"{int(v):+d}" for v in piv.index], fontsize=7)
         ax.set_xlabel("dx (px)")
@@ -97,16 +188,16 @@ def fig_translation(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
         if vals.size <= 81:
             for (i, j), v in np.ndenumerate(vals):
                 if np.isfinite(v):
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
-                            color="white" if v < 0.6 else "black")
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if v < 60 else "black")
     if im is not None:
-        fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="accuracy")
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="accuracy (%)")
     fig.suptitle(f"{run.label}: accuracy by shift (dx, dy)", fontsize=10)
     return _save(fig, path)
 
 
 def fig_affnist(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
-    s = summary[(summary["run_id"] == run.label) & (summary["metric"] == "accuracy")]
+    s = _in_percent(summary[(summary["run_id"] == run.label) & (summary["metric"] == "accuracy")])
     cells = [c for c in ("expanded_mnist", "affnist") if c in set(s["cell"])]
     if not cells:
         return None
@@ -125,11 +216,11 @@ def fig_affnist(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
             label = f"{cell} ({ed.iloc[0]})"
         ax.bar(np.arange(len(models)) + (i - (len(cells) - 1) / 2) * width, mean, width, yerr=err, capsize=3,
                label=label)
-    ax.axhline(paper.AFFNIST_CAPSNET, color="tab:red", ls="--", lw=1.2, label="paper: CapsNet on affNIST, 79%")
-    ax.axhline(paper.AFFNIST_CNN, color="tab:purple", ls="--", lw=1.2, label="paper: CNN on affNIST, 66%")
+    ax.axhline(100 * paper.AFFNIST_CAPSNET, color="tab:red", ls="--", lw=1.2, label="paper: CapsNet on affNIST, 79%")
+    ax.axhline(100 * paper.AFFNIST_CNN, color="tab:purple", ls="--", lw=1.2, label="paper: CNN on affNIST, 66%")
     ax.set_xticks(range(len(models)), models, rotation=20, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: never over a bar
     synth = "affnist_synth" in set(s["eval_data"].dropna().astype(str))
     ax.set_title(f"{run.label}: expanded MNIST and "
@@ -140,7 +231,7 @@ def fig_affnist(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
 
 
 def fig_part_shuffle(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
-    s = summary[summary["run_id"] == run.label]
+    s = _in_percent(summary[summary["run_id"] == run.label])
     if "k" not in s.columns or s.empty:
         return None
     metrics = [m for m in ("accuracy", "confidence", "unchanged") if m in set(s["metric"])]
@@ -165,8 +256,8 @@ def fig_part_shuffle(summary: pd.DataFrame, run: Run, path: Path) -> Path | None
                         color=line.get_color())
         ax.set_xticks(sorted(sm["k"].dropna().unique()))
         ax.set_xlabel("k (k x k tiles; x marks the 4x4 two-tile swap)")
-        ax.set_ylabel(metric)
-        ax.set_ylim(0, 1.02)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_ylim(0, 102)
         ax.set_title(metric if metric != "unchanged" else "unchanged prediction (vs clean)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -176,7 +267,7 @@ def fig_part_shuffle(summary: pd.DataFrame, run: Run, path: Path) -> Path | None
 
 def fig_cells(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
     """Generic grouped bars of accuracy per cell (suites without a figure of their own)."""
-    s = summary[(summary["run_id"] == run.label) & (summary["metric"] == "accuracy")]
+    s = _in_percent(summary[(summary["run_id"] == run.label) & (summary["metric"] == "accuracy")])
     if s.empty:
         return None
     plt = _pyplot()
@@ -189,8 +280,8 @@ def fig_cells(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
         ax.bar(np.arange(len(cells)) + (i - (len(models) - 1) / 2) * width, sub["mean"].to_numpy(float), width,
                label=model)
     ax.set_xticks(range(len(cells)), cells, rotation=30, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"{run.label}: accuracy per cell", fontsize=9)

@@ -98,6 +98,25 @@ class Doc:
     def code(self, text: str) -> None:
         self.blocks.append(("code", text))
 
+    def toc(self) -> None:
+        """A table of contents here: every level-2 heading of the document, linked."""
+        self.blocks.append(("toc", None))
+
+    def anchors(self) -> list[tuple[int, str, str]]:
+        """(level, text, anchor) of every heading, anchors as GitHub makes them (lower case,
+        punctuation dropped, spaces to '-', '-1', '-2' after repeats), the same in Markdown and HTML."""
+        seen: dict[str, int] = {}
+        out = []
+        for kind, val in self.blocks:
+            if kind != "h":
+                continue
+            level, text = val
+            base = re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", text.strip().lower()))
+            k = seen.get(base, 0)
+            seen[base] = k + 1
+            out.append((level, text, base if k == 0 else f"{base}-{k}"))
+        return out
+
 
 def _md_cell(x: Any) -> str:
     s = "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
@@ -107,7 +126,9 @@ def _md_cell(x: Any) -> str:
 def render_markdown(doc: Doc, out_dir: Path) -> str:
     out: list[str] = []
     for kind, val in doc.blocks:
-        if kind == "h":
+        if kind == "toc":
+            out.append("Contents: " + " · ".join(f"[{t}](#{a})" for lvl, t, a in doc.anchors() if lvl == 2) + "\n")
+        elif kind == "h":
             level, text = val
             out.append(f"{'#' * level} {text}\n")
         elif kind == "p":
@@ -142,6 +163,8 @@ figure{margin:1em 0 2em}
 img{max-width:100%;height:auto}
 figcaption,.caption{color:#555;font-size:.9em}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
+nav.toc{background:#f7f7f7;border:1px solid #ddd;padding:.4em 1em;margin:1em 0}
+nav.toc ul{margin:.3em 0;padding-left:1.2em;columns:2}
 .verdict-supported{color:#0a6b0a;font-weight:bold}
 .verdict-refuted{color:#a40000;font-weight:bold}
 .verdict-negligible{color:#444;font-weight:bold}
@@ -161,10 +184,15 @@ def render_html(doc: Doc, title: str) -> str:
         "</head>",
         "<body>",
     ]
+    heads = iter(doc.anchors())
     for kind, val in doc.blocks:
-        if kind == "h":
+        if kind == "toc":
+            items = "".join(f'<li><a href="#{e(a)}">{e(t)}</a></li>' for lvl, t, a in doc.anchors() if lvl == 2)
+            parts.append(f'<nav class="toc"><strong>Contents</strong><ul>{items}</ul></nav>')
+        elif kind == "h":
             level, text = val
-            parts.append(f"<h{level}>{e(text)}</h{level}>")
+            anchor = next(heads)[2]
+            parts.append(f'<h{level} id="{e(anchor)}">{e(text)}</h{level}>')
         elif kind == "p":
             parts.append(f"<p>{e(val)}</p>")
         elif kind == "ul":

@@ -145,7 +145,7 @@ def two_way_mean(d: np.ndarray, level: float = 0.95) -> dict[str, float]:
             "half_width": _t_quantile(df, level) * math.sqrt(total)}
 
 
-def _by_seed(units: Sequence[np.ndarray], seeds: Sequence[int]) -> np.ndarray:
+def by_seed(units: Sequence[np.ndarray], seeds: Sequence[int]) -> np.ndarray:
     """Stack per-unit difference arrays into images x seeds: each seed's units (its cells) are
     averaged per image when they cover the same images, else concatenated in order; every seed
     must then give the same number of rows."""
@@ -192,7 +192,7 @@ def compare_paired(a_ok: Sequence[np.ndarray], b_ok: Sequence[np.ndarray], seeds
              "n_seeds": s_count, "verdict": "not evaluated"}
     if pairs == 0:
         return empty
-    res = two_way_mean(_by_seed([x - y for x, y in zip(a, b, strict=True)], seeds), level)
+    res = two_way_mean(by_seed([x - y for x, y in zip(a, b, strict=True)], seeds), level)
     diff, half, df = res["difference"], res["half_width"], res["df"]
     se = math.sqrt(res["se_images"] ** 2 + (res["se_seeds"] ** 2 if s_count > 1 else 0.0))
     lo, hi = diff - half, diff + half
