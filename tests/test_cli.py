@@ -28,10 +28,22 @@ def test_list_suites_profiles_protocols(capsys):
     assert "rotation" in out and "quick" in out and "mnist28_shift2" in out
 
 
+def test_list_profiles_is_a_table(capsys):
+    assert main(["list", "profiles"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["profile", "batch"] and [ln.split()[0] for ln in lines[1:]] == ["paper", "quick",
+                                                                                                      "smoke"]
+    quick = lines[2]
+    assert quick.index("32") == lines[0].index("batch") and "capsnet 850" in quick and "x0.4 on canvas40_random" in quick
+
+
 def test_data_info_reports_status(data_root, capsys):
     assert main(["data", "info", "--data-root", str(data_root)]) == 0
     out = capsys.readouterr().out
     assert "unverified" in out and "verified" in out and "t10k-images-idx3-ubyte.gz" in out
+    # no real affNIST files: says what the affnist suite uses instead and where to get them
+    affnist = next(ln for ln in out.splitlines() if ln.strip().startswith("affnist"))
+    assert "affnist_synth" in affnist and "https://www.cs.toronto.edu/~tijmen/affNIST/" in affnist
 
 
 def test_data_fetch_offline_or_online(tmp_path, capsys):
@@ -88,3 +100,27 @@ def test_train_writes_a_run_directory(data_root, tmp_path, capsys):
     acc = df[df.metric == "accuracy"]
     assert acc["n"].item() == 10_000 and 0.5 < acc["value"].item() <= 1.0
     assert "clean mnist test accuracy" in capsys.readouterr().out
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from capsbench.cli.main import build_parser
+
+    missing, no_default = [], []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, [*path, name])
+            elif a.option_strings and not isinstance(a, argparse._HelpAction):
+                if not a.help:
+                    missing.append(f"{' '.join(path)} {a.option_strings[0]}")
+                elif a.default not in (None, False, argparse.SUPPRESS) and "default" not in \
+                        parser.formatter_class("x")._get_help_string(a):
+                    no_default.append(f"{' '.join(path)} {a.option_strings[0]}")
+
+    walk(build_parser(), ["capsbench"])
+    assert not missing, f"options without help: {missing}"
+    assert not no_default, f"defaults not shown: {no_default}"

@@ -191,3 +191,16 @@ def test_train_state_restores_model_optimiser_and_schedule_in_place():
     step()  # the replayed step lands where the first one did
     for k, v in model.state_dict().items():
         assert torch.equal(v, after_one[k]), k
+
+
+def test_progress_off_a_terminal_is_plain_lines_with_the_job_label_and_time_left(data_root, tmp_path):
+    lines: list[str] = []
+    cfg = TrainConfig(model="lenet5", profile="smoke", steps=40, train_limit=2048)
+    train(cfg, out=tmp_path, data_root=data_root, device="cpu", progress="[job 2/5] lenet5 s0", log=lines.append)
+    steps = [ln for ln in lines if ln.startswith("[job 2/5] lenet5 s0: step ")]
+    assert [ln.split()[5] for ln in steps] == ["10/40", "20/40", "30/40", "40/40"], lines
+    assert all("\r" not in ln and " left" in ln and "images/s" in ln for ln in steps)
+    lines.clear()
+    train(TrainConfig(model="lenet5", profile="smoke", steps=12, train_limit=2048, seed=1), out=tmp_path,
+          data_root=data_root, device="cpu", progress=False, log=lines.append)
+    assert not [ln for ln in lines if ": step " in ln]  # progress off: no step lines

@@ -6,12 +6,30 @@ import argparse
 import math
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """``--help`` with each option's default, where it has one worth saying (not None or off)
+    and its help text does not already name it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        if (action.option_strings and d not in (None, False, argparse.SUPPRESS) and "(default" not in text
+                and not isinstance(action, argparse._VersionAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other capsbench error.
 
     argparse prints the whole usage block before its message; on a terminal the one line that
-    matters then scrolls past. The usage stays one ``--help`` away, and the line says so.
+    matters then scrolls past. The usage stays one ``--help`` away, and the line says so. Its
+    ``--help`` shows each option's default (:class:`DefaultsFormatter`), in subcommands too.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

@@ -34,12 +34,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.what == "profiles":
         from capsbench.train.profiles import PROFILES
 
+        rows = []
         for name in PROFILES:
             p = PROFILES.get(name)
-            sched = "linear to 0" if p.lr_schedule == "linear" else "x0.96 per 2,000 steps"
+            sched = "linear to 0" if p.lr_schedule == "linear" else "x0.96 / 2,000 steps"
             lrs = f"{p.lr:g}" + "".join(f", {m} {v:g}" for m, v in p.lr_per_model.items())
-            print(f"{name:<8} batch {p.batch_size}, Adam lr {lrs} ({sched}), eval images per cell "
-                  f"{p.eval_images or 'all'}, steps {p.steps or f'{p.epochs:g} epochs'}")
+            if p.steps:
+                default = p.steps.get("*")
+                named = [f"{m} {v:,}" for m, v in p.steps.items() if m != "*" and v != default]
+                steps = ", ".join(named + ([f"{'others' if named else 'every model'} {default:,}"] if default else []))
+            else:
+                steps = f"{p.epochs:g} epochs"
+            scale = "".join(f"; x{v:g} on {k}" for k, v in p.protocol_scale.items())
+            rows.append((name, str(p.batch_size), f"{lrs} ({sched})", str(p.eval_images or "all"),
+                         f"{100 * p.match_tolerance:g}", steps + scale))
+        head = ("profile", "batch", "Adam learning rate (schedule)", "test images/cell", "match tol. (pt)", "steps")
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+        for r in [head, *rows]:
+            print("  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     elif args.what == "protocols":
         from capsbench.train.protocols import PROTOCOLS
 
@@ -63,7 +75,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         damaged: dict[str, int] = {}
         for row in data.data_info(args.data_root):
             where = f"  {row['dataset']:<14} {row.get('split', ''):<5} {row['file']:<28}"
-            if not row.get("present"):
+            if not row.get("present") and row["dataset"] == "affnist":
+                print(f"{where} missing: the affnist suite scores the generated, seeded affNIST-style set "
+                      "(affnist_synth) instead; for the real one put test.mat or test_batches/*.mat from "
+                      f"https://www.cs.toronto.edu/~tijmen/affNIST/ under {root / 'affNIST'}")
+            elif not row.get("present"):
                 print(f"{where} missing")
             elif row.get("status") == "damaged":
                 print(f"{where} damaged: {row.get('problem')}")
@@ -93,9 +109,10 @@ def add_commands(sub, add_common) -> None:
     pd_ = sub.add_parser("data", help="inspect or download data sets")
     dsub = pd_.add_subparsers(dest="action", required=True, metavar="ACTION")
     pi = dsub.add_parser("info", help="list the data files found under the data root")
-    pi.add_argument("--data-root", default=None)
+    pi.add_argument("--data-root", default=None, help="data root (else $CAPSBENCH_DATA, else ./datasets)")
     pi.set_defaults(func=cmd_data)
     pf = dsub.add_parser("fetch", help="download MNIST / Fashion-MNIST (needs internet)")
     pf.add_argument("name", nargs="?", choices=["mnist", "fashion_mnist"])
-    pf.add_argument("--data-root", default=None)
+    pf.add_argument("--data-root", default=None,
+                    help="where to download to (else $CAPSBENCH_DATA, else ./datasets, created if absent)")
     pf.set_defaults(func=cmd_data)

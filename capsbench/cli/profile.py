@@ -164,7 +164,7 @@ def add_commands(sub, add_common) -> None:
                     "device, per speed variant and batch size; writes <out>/speed-<device>/results.csv. "
                     "See capsbench/perf/speed.py for what each variant does.",
     )
-    s.add_argument("--model", default="capsnet")
+    s.add_argument("--model", default="capsnet", help="model to time (a name, or pkg.module:factory)")
     s.add_argument("--variants", default="fp32,bf16,bf16_cl,bf16_cl_graph",
                    help="comma-separated: fp32, fp32_cl, bf16, bf16_cl, bf16_cl_graph, bf16_cl_compile "
                         "(bf16 and later need CUDA, except bf16 autocast also runs on CPU)")

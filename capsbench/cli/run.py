@@ -108,6 +108,7 @@ def add_commands(sub, add_common) -> None:
                    help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")
     add_speed_args(p)
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar or progress lines while a model trains: one line per job and cell")
     add_common(p)
     p.set_defaults(func=cmd_run)

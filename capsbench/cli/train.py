@@ -91,8 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_commands(sub, add_common) -> None:
     """Add ``train`` to the ``capsbench`` subcommands."""
     pt = sub.add_parser("train", help="train one model and score it on the clean test set")
-    pt.add_argument("--model", required=True)
-    pt.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
+    pt.add_argument("--model", required=True, help="model name (capsbench list models) or pkg.module:factory")
+    pt.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"], help="training data")
     pt.add_argument("--protocol", default="mnist28_shift2", help="training data protocol (capsbench list protocols)")
     pt.add_argument("--profile", default="quick", help="smoke, quick (CPU default) or paper")
     budget = pt.add_mutually_exclusive_group()  # both given, one would silently win
@@ -100,9 +100,10 @@ def add_commands(sub, add_common) -> None:
                         help="train for this many epochs instead of the profile's budget")
     budget.add_argument("--steps", type=positive_int, default=None,
                         help="train for this many steps instead of the profile's budget")
-    pt.add_argument("--batch-size", type=positive_int, default=None)
-    pt.add_argument("--lr", type=positive_float, default=None)
-    pt.add_argument("--seed", type=nonneg_int, default=0)
+    pt.add_argument("--batch-size", type=positive_int, default=None, help="training batch size (default: the profile's)")
+    pt.add_argument("--lr", type=positive_float, default=None,
+                    help="Adam learning rate (default: the profile's rate for this model)")
+    pt.add_argument("--seed", type=nonneg_int, default=0, help="training seed (initialisation, batch order, shifts)")
     add_speed_args(pt)
     pt.add_argument("--match-accuracy", type=positive_float, default=None,
                     help="stop when accuracy on the validation split reaches this fraction (as capsbench run: "
@@ -111,6 +112,6 @@ def add_commands(sub, add_common) -> None:
                     help="evaluate the validation split after every epoch and keep the learning curve in job.json")
     pt.add_argument("--deterministic", action="store_true",
                     help="reproducible kernels (torch.use_deterministic_algorithms); recorded in run.json")
-    pt.add_argument("--no-progress", action="store_true")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bar: plain lines")
     add_common(pt)
     pt.set_defaults(func=cmd_train)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,14 +116,17 @@ def _test_inputs(ctx: RunContext, dataset: str) -> tuple[torch.Tensor, torch.Ten
     return to_float(test.images[idx]), test.labels[idx]
 
 
-def train_job(ctx: RunContext, cfg: Any, log: Callable[[str], None] = print) -> tuple[Any | None, dict | str]:
-    """Train (or reuse) one job; returns (TrainResult, meta) or (None, error message)."""
+def train_job(ctx: RunContext, cfg: Any, log: Callable[[str], None] = print,
+              label: str | None = None) -> tuple[Any | None, dict | str]:
+    """Train (or reuse) one job; returns (TrainResult, meta) or (None, error message).
+    ``label`` names it in progress output (e.g. "[job 3/8] capsnet s1")."""
     from capsbench.train.device import SpeedOptions
     from capsbench.train.trainer import train_with_retry
 
+    progress = (label or True) if ctx.progress else False
     try:
         result = train_with_retry(cfg, out=ctx.out, data_root=ctx.data_root, device=ctx.device,
-                                  progress=ctx.progress, log=log, speed=SpeedOptions(**ctx.speed))
+                                  progress=progress, log=log, speed=SpeedOptions(**ctx.speed))
     except CapsbenchError as e:  # NaN loss, out of memory at every size, bad data
         return None, str(e)
     return result, job_meta(result)
@@ -163,9 +167,17 @@ class LocalExecutor:
         self.log = log
 
     def run(self, specs: list[JobSpec], ctx: RunContext) -> Iterator[tuple[str, JobSpec, Any]]:
+        from capsbench.train.trainer import _duration
+
         _prepare_process(ctx)
-        for spec in specs:
-            result, meta = train_job(ctx, spec.cfg, self.log)
+        t0 = time.perf_counter()
+        for i, spec in enumerate(specs):
+            label = f"[job {i + 1}/{len(specs)}] {spec.cfg.model} s{spec.cfg.seed}"
+            spent = time.perf_counter() - t0
+            # a rough guide to the time left: the jobs so far, as if every job took as long
+            self.log(f"{label}: " + (f"{_duration(spent)} so far, about {_duration(spent / i * (len(specs) - i))} "
+                                     "left for the run" if i else "training or reusing it, then scoring its cells"))
+            result, meta = train_job(ctx, spec.cfg, self.log, label)
             if result is None:
                 yield "train_failed", spec, meta
                 continue

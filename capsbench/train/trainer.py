@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -169,17 +170,35 @@ def build_step(
     return replay
 
 
+def sync_every_for(dev: torch.device) -> int:
+    """Steps between reads of the loss: on a GPU a step takes milliseconds, and a read is a host
+    synchronisation, so read it less often there."""
+    return 100 if dev.type == "cuda" else 10
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '1 h 05 min': a time left, as a person reads it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
 def train(
     cfg: TrainConfig,
     out: str | os.PathLike = "runs",
     data_root: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
-    progress: bool = True,
+    progress: bool | str = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
     speed: SpeedOptions | None = None,
 ) -> TrainResult:
     """Train one model (or reuse the finished job with the same key) and return it.
+
+    ``progress``: a progress bar on a terminal, else a plain line every tenth of the budget (a
+    string is the bar's label, e.g. "[job 3/8] capsnet s1"); False: quiet.
 
     The job directory ``<out>/jobs/<job_name>/`` holds ``checkpoint.pt`` (written atomically
     every ``checkpoint_every`` steps and at the end of an epoch when the last checkpoint is at
@@ -211,7 +230,7 @@ def _train_locked(
     job_dir: Path,
     data_root: str | os.PathLike | None,
     dev: torch.device,
-    progress: bool,
+    progress: bool | str,
     log: Callable[[str], None],
     on_step: Callable[[int], None] | None,
     speed: SpeedOptions,
@@ -322,14 +341,18 @@ def _train_locked(
     job_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     bar = None
-    if progress:
+    label = progress if isinstance(progress, str) else cfg.model
+    plain_every = 0  # not a terminal: a plain line every tenth of the budget, no carriage returns
+    if progress and sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc=cfg.model, unit="step", leave=False)
+        bar = tqdm(total=total_steps, initial=step, desc=label, unit="step", leave=False)
+    elif progress:
+        plain_every = max(sync_every_for(dev), -(-total_steps // 10))
+    started_at, started_step = time.perf_counter(), step
     if dev.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    # On a GPU a step takes milliseconds: read the loss back (a host synchronisation) less often.
-    sync_every = 100 if dev.type == "cuda" else 10
+    sync_every = sync_every_for(dev)
     one_step = short_step = None  # built at the first step (a CUDA graph captures a real batch)
     t_mark = time.perf_counter()
     last_save = -math.inf  # epoch-end checkpoints at most every MIN_SAVE_INTERVAL_S seconds
@@ -375,6 +398,11 @@ def _train_locked(
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{history[-1]['train_acc']:.3f}", img_s=f"{ips:.0f}")
                 bar.update(step - bar.n)
+            elif plain_every and (step % plain_every < sync_every or step == total_steps):
+                spent = now - started_at
+                left = spent / max(step - started_step, 1) * (total_steps - step)
+                log(f"{label}: step {step:,}/{total_steps:,} ({100 * step / total_steps:.0f}%), loss {mean_loss:.4f}, "
+                    f"{ips:.0f} images/s, about {_duration(left)} left")
             run_loss = run_acc = 0.0
             logged = seen_since = 0
             t_mark = time.perf_counter()
@@ -482,7 +510,7 @@ def train_with_retry(
     out: str | os.PathLike = "runs",
     data_root: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
-    progress: bool = True,
+    progress: bool | str = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
     speed: SpeedOptions | None = None,
