@@ -114,7 +114,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def save_predictions(folder: str | os.PathLike, cell: str, arrays: Mapping[str, Any]) -> Path:
     """Write one cell's per-image predictions as ``<folder>/<cell>.npz`` (atomically): plain
-    NumPy arrays (``pred``, ``label`` int16, ``conf_true`` float16), readable without torch
+    NumPy arrays (``pred``, ``label`` int16, ``conf_true``, ``conf_pred`` float16), readable without torch
     (``numpy.load``)."""
     import numpy as np
 

@@ -245,6 +245,7 @@ def test_every_figure_exists_and_is_not_blank(built):
         "capsule_dims_rotation-smoke.png", "part_shuffle_part_shuffle-smoke.png", "examples_part_shuffle-smoke.png",
         "translation_translation-smoke.png", "examples_translation-smoke.png", "affnist_affnist-smoke.png",
         "examples_affnist-smoke.png", "claims.png", "rotation_difference_rotation-smoke.png",
+        "per_class_rotation-smoke.png", "cost_rotation-smoke.png", "cost_part_shuffle-smoke.png",
     ]
     found = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert set(expected) <= set(found), found
@@ -580,3 +581,23 @@ def test_the_report_leads_with_its_answer_and_a_table_of_contents_whose_links_re
     links = re.findall(r'<a href="#([^"]+)"', text)
     assert links and set(links) <= ids and set(md_anchors) == set(links)
     assert text.index('id="answer"') < text.index('class="toc"') < text.index('id="claim-verdicts"')
+
+
+def test_expected_calibration_error_by_hand():
+    from capsbench.report.breakdown import reliability
+
+    # 4 predictions at confidence 0.9 (3 right) and 4 at 0.3 (2 right): bins 8 and 2
+    conf = np.array([0.9] * 4 + [0.3] * 4)
+    correct = np.array([1, 1, 1, 0, 1, 1, 0, 0], dtype=bool)
+    table, ece = reliability(conf, correct)
+    assert list(table["bin"]) == [2, 8] and list(table["n"]) == [4, 4]
+    assert ece == pytest.approx(100 * (0.5 * abs(0.75 - 0.9) + 0.5 * abs(0.5 - 0.3)))
+    _, perfect = reliability(np.array([1.0, 1.0, 0.5, 0.5]), np.array([1, 1, 1, 0], dtype=bool))
+    assert perfect == pytest.approx(0.0)
+
+
+def test_calibration_needs_the_predicted_class_confidence_and_says_so(built):
+    out, _ = built
+    md = (out / "report.md").read_text()
+    # the fixture's predictions (the format before conf_pred) hold no predicted-class confidence
+    assert "rotation-smoke: calibration: its predictions hold no confidence of the predicted class" in md

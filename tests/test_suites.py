@@ -104,7 +104,7 @@ def test_part_shuffle_unchanged_metric(tmp_path, data_root):
     # per-image predictions are plain NumPy arrays, readable without torch
     with np.load(next((tmp_path / "part_shuffle-smoke" / "predictions").iterdir()) / "shuffle_k4.npz",
                  allow_pickle=False) as preds:
-        assert preds["pred"].shape == preds["label"].shape == preds["conf_true"].shape == (256,)
+        assert preds["pred"].shape == preds["label"].shape == preds["conf_true"].shape == preds["conf_pred"].shape == (256,)
         assert preds["pred"].dtype == np.int16 and preds["conf_true"].dtype == np.float16
 
 

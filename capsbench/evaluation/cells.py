@@ -67,8 +67,9 @@ def evaluate_cells(
             pred = scores.argmax(1)
             correct = pred == labels
             conf_true = conf.gather(1, labels.view(-1, 1)).squeeze(1)
+            conf_pred = conf.gather(1, pred.view(-1, 1)).squeeze(1)  # for calibration (reliability, ECE)
             save_predictions(pred_dir, cell.name, {"pred": pred.to(torch.int16), "label": labels.to(torch.int16),
-                                                   "conf_true": conf_true.half()})
+                                                   "conf_true": conf_true.half(), "conf_pred": conf_pred.half()})
             preds[cell.name] = pred
             n = int(labels.shape[0])
             # counts over n, not float32 means: 0.986, not 0.9860000014305115; confidence to 1e-6

@@ -547,6 +547,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
             doc.table(t, caption=cap)
         for fig in _run_figures(run, summary, figs_dir, data_root, skipped):
             doc.figure(fig.path, fig.caption)
+        _add_breakdown(doc, run, board, figs_dir, tables, skipped)
 
     # Cost (profile runs)
     add_cost_section(doc, runs, figs_dir, tables, skipped)
@@ -594,6 +595,48 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     index = out_dir / "index.html"
     atomic_write_text(index, render_html(doc, title))
     return index
+
+
+def _add_breakdown(doc: Doc, run: Run, board: pd.DataFrame, figs_dir: Path, tables: dict[str, pd.DataFrame],
+                   skipped: list[str]) -> None:
+    """Per suite: which digits survive rotation, calibration within each family, accuracy vs cost."""
+    from capsbench.report import breakdown
+
+    slug = _slug(run.label)
+    families = dict(zip(board["model"], board["family"], strict=True)) if not board.empty else {}
+
+    def attempt(what: str, fn, caption: str) -> None:
+        try:
+            path = fn()
+        except Exception as e:  # a figure that cannot be drawn is reported, not fatal
+            skipped.append(f"{run.label}: {what}: {type(e).__name__}: {e}")
+            return
+        if path is None:
+            skipped.append(f"{run.label}: {what}: no predictions to draw it from")
+        else:
+            doc.figure(path, f"{run.label}: {caption}")
+
+    if any(c.get("transform") == "rotation" for c in run.suite_meta.get("cells", []) or []):
+        attempt("accuracy per digit under rotation",
+                lambda: breakdown.fig_per_class_rotation(run, figs_dir / f"per_class_{slug}.png"),
+                "accuracy of each true digit at each rotation angle (pooled over seeds): which digits survive.")
+    cal = breakdown.calibration_table(run, families)
+    if cal.empty:
+        skipped.append(f"{run.label}: calibration: its predictions hold no confidence of the predicted class "
+                       "(runs scored before capsbench stored it; score the cells again in a new run folder)")
+    else:
+        tables[f"{slug}_calibration"] = cal
+        doc.table(cal, caption="Calibration: expected calibration error (ECE, points; 10 equal-width bins of the "
+                               "predicted class's confidence), accuracy and mean confidence, on the clean cell and "
+                               "on the transformed cells pooled. Compare within a family: a capsule's length and a "
+                               "softmax probability are different quantities.")
+        attempt("reliability diagram", lambda: breakdown.fig_reliability(run, families, figs_dir / f"reliability_{slug}.png"),
+                "reliability diagrams on the transformed cells, one panel per model family (the diagonal is "
+                "perfect calibration).")
+    attempt("accuracy vs parameters and FLOPs",
+            lambda: breakdown.fig_accuracy_vs_cost(board, run, figs_dir / f"cost_{slug}.png"),
+            "accuracy against parameters and GFLOPs per image (one inference pass), one point per model; circles: "
+            "mean over the transformed cells with its 95% interval, triangles: clean accuracy.")
 
 
 def _run_figures(run: Run, summary: pd.DataFrame, figs_dir: Path, data_root: str | Path | None,

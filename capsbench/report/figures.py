@@ -340,9 +340,23 @@ def _test_images(run: Run, data_root: str | Path | None, n: int = 8):
     return to_float(test.images[:n]), test.labels[:n], root
 
 
+def _cell_images(run: Run, suite, name: str, x, y, root):
+    """The images of cell ``name`` made from test digits ``x`` (labels ``y``), as the suite scores
+    them: (images, labels, display name). A cell with its own data (affNIST) gives its first len(y)."""
+    from capsbench.suites.base import cell_generator
+
+    cell = suite.cell(name)
+    if cell.source is not None:
+        cache = run.path.parent / "cache"
+        imgs, labels, eval_data = cell.source({"n": len(y), "cache_dir": cache if cache.is_dir() else None,
+                                               "root": root})
+        return imgs, labels, f"{name} ({eval_data})"
+    return cell.make(x.clone(), y.clone(), cell_generator(run.suite, cell.name)), y, name
+
+
 def fig_examples(run: Run, path: Path, data_root: str | Path | None) -> tuple[Path | None, str]:
     """A row of the first 8 test images as each cell transforms them."""
-    from capsbench.suites.base import cell_generator, get_suite
+    from capsbench.suites.base import get_suite
 
     try:
         suite = get_suite(run.suite)
@@ -357,13 +371,7 @@ def fig_examples(run: Run, path: Path, data_root: str | Path | None) -> tuple[Pa
             notes.append(f"{name} (not in the registered suite)")
             continue
         try:
-            if cell.source is not None:
-                cache = run.path.parent / "cache"
-                imgs, _, eval_data = cell.source({"n": len(y), "cache_dir": cache if cache.is_dir() else None,
-                                                  "root": root})
-                name = f"{name} ({eval_data})"
-            else:
-                imgs = cell.make(x.clone(), y.clone(), cell_generator(run.suite, cell.name))
+            imgs, _, name = _cell_images(run, suite, cell.name, x, y, root)
         except Exception as e:  # one cell's data (e.g. affNIST) must not cost the figure
             notes.append(f"{name} ({type(e).__name__}: {e})")
             continue
@@ -423,6 +431,16 @@ def pick_capsnet_job(run: Run) -> tuple[str, int] | None:
     return None
 
 
+def _recon_cells(run: Run) -> list[str]:
+    """The cells whose inputs the CapsNet figures show: the clean one and up to three transformed
+    ones (rotation: +30, +45 and +90 degrees; otherwise the suite's first three)."""
+    names = run.cell_names
+    preferred = [c for c in ("rot+30", "rot+45", "rot+90") if c in names]
+    others = [c for c in names if c != run.clean_cell]
+    picked = preferred or others[:3]
+    return ([run.clean_cell] if run.clean_cell in names else []) + picked
+
+
 def fig_capsnet(run: Run, recon_path: Path, dims_path: Path, data_root: str | Path | None
                 ) -> tuple[list[Figure], str]:
     """CapsNet reconstructions of 8 test digits and the paper's Figure 4 (capsule dimension sweeps)."""
@@ -443,35 +461,63 @@ def fig_capsnet(run: Run, recon_path: Path, dims_path: Path, data_root: str | Pa
         return [], f"checkpoint {ckpt} cannot be loaded ({describe(e, 120)})"
     if getattr(model, "decoder", None) is None:
         return [], f"{model_name} has no decoder"
-    x, y, _ = _test_images(run, data_root)
-    x = PROTOCOLS.get(cfg.protocol).clean(x)
-    side = x.shape[-1]
-    with torch.inference_mode():
-        out = model(x)
-        pred = out.scores.argmax(1)
-        recon = model.decode(out.poses, pred).reshape(-1, side, side)
+    x, y, root = _test_images(run, data_root)
+    shown = _recon_cells(run)
+    rows, row_labels, inputs = [], [], []  # inputs: (cell, images, labels, predictions, poses)
+    from capsbench.suites.base import get_suite
+
+    try:
+        suite = get_suite(run.suite)
+    except Exception:
+        suite, shown = None, []
+    for name in shown:
+        try:
+            imgs, labels, display = _cell_images(run, suite, name, x, y, root)
+        except Exception:  # that cell's data cannot be regenerated here: show the others
+            continue
+        if name == run.clean_cell and imgs.shape[-1] != PROTOCOLS.get(cfg.protocol).input_size:
+            imgs = PROTOCOLS.get(cfg.protocol).clean(imgs)
+        with torch.inference_mode():
+            out = model(imgs.float())
+            pred = out.scores.argmax(1)
+            recon = model.decode(out.poses, pred).reshape(-1, imgs.shape[-2], imgs.shape[-1])
+        rows += [imgs[:, 0].float().clamp(0, 1).numpy(), recon.numpy()]
+        row_labels += [display, "reconstruction"]
+        inputs.append((name, imgs, labels, pred, out.poses))
+    if not inputs:  # no cell regenerated: the clean digits as the protocol places them
+        imgs = PROTOCOLS.get(cfg.protocol).clean(x)
+        with torch.inference_mode():
+            out = model(imgs)
+            pred = out.scores.argmax(1)
+            recon = model.decode(out.poses, pred).reshape(-1, imgs.shape[-2], imgs.shape[-1])
+        rows, row_labels = [imgs[:, 0].numpy(), recon.numpy()], ["input", "reconstruction"]
+        inputs.append(("clean", imgs, y, pred, out.poses))
     figs = []
-    title = f"{run.label}: {model_name} (seed {seed}) inputs (top) and reconstructions from the predicted capsule"
-    labels = [f"L{int(a)}/P{int(b)}" for a, b in zip(y, pred, strict=True)]
-    _show_mosaic([x[:, 0].numpy(), recon.numpy()], ["input", "reconstruction"], labels, title, recon_path)
-    figs.append(Figure(recon_path, f"{model_name} seed {seed}: 8 test digits and their reconstructions, decoded "
-                                   "from the capsule of the predicted class (L = label, P = prediction)."))
-    # Figure 4: perturb each of the 16 dimensions of the winning capsule by -0.25..0.25 (step 0.05).
-    correct = (pred == y).nonzero().flatten()
+    title = (f"{run.label}: {model_name} (seed {seed}): the first 8 test digits in "
+             + ", ".join(n for n, *_ in inputs) + ", each with its reconstruction from the predicted capsule")
+    _show_mosaic(rows, row_labels, None, title, recon_path)
+    figs.append(Figure(recon_path, f"{model_name} seed {seed}: 8 test digits as the suite's cells present them "
+                                   f"({', '.join(n for n, *_ in inputs)}), each row followed by the reconstruction "
+                                   "decoded from the capsule of the predicted class."))
+    # Figure 4 on the most transformed cell shown: perturb each of the 16 dimensions of the
+    # winning capsule by -0.25..0.25 (step 0.05) and decode.
+    cell_name, imgs, y, pred, cell_poses = inputs[-1]
+    side = imgs.shape[-1]
+    correct = (pred == torch.as_tensor(y)).nonzero().flatten()
     i = int(correct[0]) if len(correct) else 0
     deltas = torch.arange(-5, 6, dtype=torch.float32) * 0.05
-    dim = out.poses.shape[-1]
+    dim = cell_poses.shape[-1]
     cls = int(pred[i])
-    poses = out.poses[i].unsqueeze(0).repeat(dim * len(deltas), 1, 1).clone()
+    poses = cell_poses[i].unsqueeze(0).repeat(dim * len(deltas), 1, 1).clone()
     for d in range(dim):
         poses[d * len(deltas) : (d + 1) * len(deltas), cls, d] += deltas
     with torch.inference_mode():
         imgs = model.decode(poses, torch.full((poses.shape[0],), cls, dtype=torch.long)).reshape(dim, len(deltas), side, side)
     _show_mosaic([imgs[d].numpy() for d in range(dim)], [f"dim {d}" for d in range(dim)],
                  [f"{v:+.2f}" for v in deltas.tolist()],
-                 f"{run.label}: {model_name} capsule dimensions (test image #{i}, label {int(y[i])}, "
+                 f"{run.label}: {model_name} capsule dimensions ({cell_name}, test image #{i}, label {int(y[i])}, "
                  f"predicted {cls})", dims_path)
-    figs.append(Figure(dims_path, f"As the paper's Figure 4: each row perturbs one of the {dim} dimensions of the "
-                                  f"winning capsule (test image #{i}, predicted {cls}) by -0.25 to 0.25 in steps of 0.05 "
-                                  "and decodes it."))
+    figs.append(Figure(dims_path, f"As the paper's Figure 4, on cell {cell_name}: each row perturbs one of the {dim} "
+                                  f"dimensions of the winning capsule (test image #{i}, predicted {cls}) by -0.25 to "
+                                  "0.25 in steps of 0.05 and decodes it."))
     return figs, ""
