@@ -5,7 +5,7 @@ A CapsNet training step on a CPU allocates and frees a few hundred MB of large t
 mmap threshold (at most 32 MiB by default) with a fresh ``mmap`` and unmaps it on ``free``,
 so each step the kernel maps and zero-fills those pages again: on the 2-core build machine
 that page-fault work was about 40% of the batch-100 step (1.26 s -> 0.72 s per step with
-the settings below, README "Speed"). :func:`keep_freed_memory` asks malloc (``mallopt(3)``)
+the settings below, docs/performance.md). :func:`keep_freed_memory` asks malloc (``mallopt(3)``)
 to serve large blocks from its heap and not to give freed memory back to the system, so the
 next step reuses pages that are already mapped. The price is memory: the process keeps what it
 freed until it exits, and its heap settles somewhat above the peak of live tensors (aligned

@@ -38,7 +38,7 @@ class Classifier(nn.Module):
 
     family: str = "cnn"
     # NHWC ("channels_last") weights and inputs on CPUs by default, for the models whose
-    # oneDNN convolutions measured faster that way (train.device.channels_last_for; README "Speed").
+    # oneDNN convolutions measured faster that way (train.device.channels_last_for; docs/performance.md).
     cpu_channels_last: bool = False
 
     def __init__(self, num_classes: int = 10, input_size: int = 28) -> None:

@@ -65,7 +65,7 @@ ROUTING_KERNELS = ("auto", "torch", "triton", "cpp")
 # (models/kernels/fft_conv.py), the same convolutions to float32 rounding. "auto" takes "fft" on CPUs in
 # float32 without autocast, on inputs up to FFT_CONV_MAX_INPUT pixels a side (MNIST's 28x28),
 # from batch FFT_CONV_MIN_BATCH in training steps and FFT_CONV_MIN_INFER_BATCH in inference,
-# where it measured faster (README, Speed). Its weight transform costs the same at any batch
+# where it measured faster (docs/performance.md). Its weight transform costs the same at any batch
 # size; on the 2-core build machine: training at batch 16 both paths ran at 55 images/s, at 32
 # fft 87 vs direct 56, at 100 143 vs 64; inference at batch 48-64 they tie (~310 images/s), at
 # 100 fft 372-397 vs 283-319, at 500 (train.device.predict) 414-457 vs 308-321. "direct" everywhere

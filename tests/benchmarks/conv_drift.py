@@ -4,7 +4,7 @@ Trains ``--model`` (default cnn_maxpool) for ``--steps`` Adam steps on one fixed
 sparse random images three times from the same initialisation: with F.conv2d on two threads
 (the reference), with F.conv2d on one thread (a change in summation order only), and with the
 DFT convolution (conv_impl="fft"). Prints, per weight tensor, the largest difference from
-the reference over the reference's largest entry. README "Speed" quotes it for cnn_maxpool.
+the reference over the reference's largest entry. docs/performance.md quotes it for cnn_maxpool.
 
     python tests/benchmarks/conv_drift.py --model cnn_maxpool --steps 12
 """

@@ -4,7 +4,7 @@ Loads ``capsbench/models/kernels/fft_conv.py`` as it was at ``--rev`` (``git sho
 forward and forward + backward of both at CapsNet's PrimaryCaps shapes (256 -> 256 channels,
 9x9, stride 2, 20x20 map; input in the (H, W, B, C) layout Conv1 writes) in one process, so
 both see the same machine state, and prints median and lower-quartile times. Run it from the
-repository root (it needs git); README "Speed" quotes it.
+repository root (it needs git); docs/performance.md quotes it.
 
     python tests/benchmarks/fft_conv_ab.py --rev 9fb8ad1 --batch 100 --reps 30
 """

@@ -39,7 +39,7 @@ from capsbench.models.registry import register_model
 # by its own running magnitude, and this ReLU + max-pooling network's trajectory then departs
 # from the direct one's like another seed's (tests/benchmarks/conv_drift.py). The quick
 # rotation suite (seed 0) reached 97.8% clean accuracy against 98.1% direct, cells differing by
-# up to 1.7 points (README, Speed), where CapsNet's DFT path keeps its smoke-suite accuracies.
+# up to 1.7 points (docs/performance.md), where CapsNet's DFT path keeps its smoke-suite accuracies.
 
 
 class PoolingCNN(Classifier):
