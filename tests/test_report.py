@@ -601,3 +601,31 @@ def test_calibration_needs_the_predicted_class_confidence_and_says_so(built):
     md = (out / "report.md").read_text()
     # the fixture's predictions (the format before conf_pred) hold no predicted-class confidence
     assert "rotation-smoke: calibration: its predictions hold no confidence of the predicted class" in md
+
+
+# --------------------------------------------------------------------------- in a real browser
+
+
+def test_every_figure_renders_and_every_link_resolves_in_chromium(built, tmp_path):
+    """Headless Chromium opens the report; a copy with a broken image and a dead link is caught."""
+    import browser_check
+
+    out, index = built
+    assert browser_check.static_problems(index) == []
+    bad = tmp_path / "index.html"
+    text = index.read_text()
+    first_png = text.index("data:image/png;base64,") + len("data:image/png;base64,")
+    bad.write_text(text[:first_png] + "AAAA" + text[first_png + 4:]
+                   + '<p><a href="#no-such-section">x</a></p>')
+    static = browser_check.static_problems(bad)
+    assert any("no element has id 'no-such-section'" in p for p in static)
+    assert any("its data is not a PNG" in p for p in static)
+    chromium = browser_check.find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium); the static check above ran")
+    problems, seen = browser_check.check(out, chromium, tmp_path / "shot.png")
+    n_figures = len(list((out / "figures").glob("*.png")))
+    assert problems == [] and seen["images"] == n_figures and seen["broken"] == []
+    assert (tmp_path / "shot.png").read_bytes().startswith(b"\x89PNG")
+    problems, seen = browser_check.check(bad, chromium)
+    assert len(seen["broken"]) == 1 and seen["dead_links"] == ["no-such-section"]
