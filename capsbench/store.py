@@ -257,6 +257,7 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
     """Versions and hardware, for run.json."""
     import capsbench
     from capsbench.malloc import malloc_state
+    from capsbench.perf.isa import isa_info
 
     info: dict[str, Any] = {
         "capsbench": capsbench.__version__,
@@ -268,6 +269,7 @@ def environment_info(device: torch.device | str | None = None) -> dict[str, Any]
         "torch_threads": torch.get_num_threads(),
         "git_sha": git_sha(),
         "malloc": malloc_state(),
+        "cpu_isa": isa_info(),
     }
     try:
         import torchvision

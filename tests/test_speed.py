@@ -11,6 +11,7 @@ from test_models import _literal_routing
 from capsbench.errors import ConfigError
 from capsbench.models import create_model
 from capsbench.models.capsnet import dynamic_routing
+from capsbench.perf.isa import isa_label
 from capsbench.perf.speed import parse_variant, run_speed
 from capsbench.train.config import TrainConfig
 from capsbench.train.device import SpeedOptions
@@ -82,6 +83,7 @@ def test_speed_bench_on_the_cpu(data_root):
         assert r["images_per_s_train"] > 0 and r["images_per_s_inference"] > 0
         assert 0 < r["routing_share"] < 1 and r["batch_size"] == 4 and r["routing"] == "cpp"
         assert r["conv_impl"] == r["conv_impl_inference"] == "direct"  # batches 4 and 8: too small for the FFT path
+        assert r["isa"] == isa_label()  # the instruction set the row ran with (avx512, avx2, ...)
     assert parse_variant("fp32_cl") == {"bf16": False, "channels_last": True, "graph": False, "compile": False}
     assert "needs a CUDA device" in refused["error"]  # a row with the reason, not a crash
 

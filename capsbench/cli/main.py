@@ -16,6 +16,7 @@ from capsbench.cli.args import (
 from capsbench.cli.checks import _check_routing, _preflight, _replay, _set_threads
 from capsbench.errors import CapsbenchError
 from capsbench.malloc import keep_freed_memory
+from capsbench.perf.isa import apply_limit
 
 
 def _version() -> str:
@@ -80,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = lambda msg, cat, *a, **k: f"capsbench: warning: {msg}\n"
     caught: list[warnings.WarningMessage] = []
     try:
+        apply_limit()  # CAPSBENCH_CPU_ISA=avx2: before anything loads torch
         _set_threads()
         keep_freed_memory()
         _check_routing(args)

@@ -60,6 +60,7 @@ import torch
 from capsbench.errors import ConfigError, describe
 from capsbench.malloc import keep_freed_memory
 from capsbench.models import create_model
+from capsbench.perf.isa import isa_label
 from capsbench.perf.timing import _sync, time_fn
 from capsbench.train.device import SpeedOptions, to_float
 from capsbench.train.trainer import build_step, make_optimizer
@@ -244,6 +245,7 @@ def run_speed(
     data = ResidentData(train.images, train.labels, device)
     start = time.perf_counter()
     rows = []
+    isa = isa_label() if device.type == "cpu" else ""  # the instruction set each CPU row ran with
     for variant in variants:
         for bs in batch_sizes:
             if deadline_s is not None and time.perf_counter() - start > deadline_s:
@@ -251,8 +253,8 @@ def run_speed(
                              "error": "skipped: --deadline reached"})
                 continue
             try:
-                rows.append(measure(model_name, variant, bs, data, device, budget_s, infer_batch, epoch, log,
-                                    routing=routing, conv_impl=conv_impl))
+                rows.append({**measure(model_name, variant, bs, data, device, budget_s, infer_batch, epoch, log,
+                                       routing=routing, conv_impl=conv_impl), "isa": isa})
                 if device.type == "cuda":  # the last configuration's graph and buffers are gone now
                     torch.cuda.empty_cache()
             except Exception as e:  # one variant failing (a capture, a compiler) must not lose the rest

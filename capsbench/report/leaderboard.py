@@ -26,7 +26,7 @@ COLUMNS = [
     "run_id", "suite", "model", "family", "seeds", "params", "gflops_per_image",
     "clean_accuracy_pct", "clean_ci_low_pct", "clean_ci_high_pct",
     "robust_accuracy_pct", "robust_ci_low_pct", "robust_ci_high_pct", "robust_cells",
-    "train_images_per_s", "train_time_s", "ci_note",
+    "train_images_per_s", "train_time_s", "hardware", "ci_note",
 ]
 
 
@@ -86,6 +86,21 @@ def _input_size(run: Run) -> int | None:
         return None
 
 
+def _hardware(run: Run) -> str:
+    """Where the run scored (and, unless its jobs were reused, trained): the GPU's name, or the
+    CPU's model with the instruction set it ran with (``avx2`` where CAPSBENCH_CPU_ISA capped it)."""
+    env = run.meta.get("environment") or {}
+    if not isinstance(env, dict):
+        return ""
+    if str(env.get("device", "")).startswith("cuda"):
+        return str(env.get("device_name", "cuda"))
+    isa = env.get("cpu_isa") if isinstance(env.get("cpu_isa"), dict) else {}
+    name = str(isa.get("cpu_model") or env.get("processor") or "")
+    if isa:
+        name += f" ({isa['limit'] if isa.get('limit', 'native') != 'native' else isa.get('hardware', '?')})"
+    return name.strip()
+
+
 def leaderboard(runs: Sequence[Run]) -> pd.DataFrame:
     """One row per run and model (the columns of ``COLUMNS``)."""
     rows = []
@@ -113,6 +128,7 @@ def leaderboard(runs: Sequence[Run]) -> pd.DataFrame:
                 "robust_cells": len(robust_cells),
                 "train_images_per_s": _round_sig(float(np.mean(speed)), 3) if speed else float("nan"),
                 "train_time_s": round(float(np.mean(times)), 1) if times else float("nan"),
+                "hardware": _hardware(run),
                 "ci_note": ("test images and seeds" if n_seeds >= 2 else
                             "test images only (1 seed: training variance unknown)" if n_seeds else ""),
             })

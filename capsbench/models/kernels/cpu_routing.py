@@ -11,8 +11,11 @@ literal Procedure 1 (tests/test_fused_routing.py) to float32 rounding.
 
 The library is compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``,
 ``g++`` or ``clang++``, with OpenMP where the compiler has it) into a per-user cache
-(``$CAPSBENCH_CACHE``, else ``~/.cache/capsbench``), keyed by the source, the compiler and the
-CPU, so each machine builds it once (about 3 s). Without a compiler :func:`available` is False
+(``$CAPSBENCH_CACHE``, else ``~/.cache/capsbench``), keyed by the source, the compiler, the
+CPU and the instruction set it is built for (``-march=native``, or x86-64-v3 under
+``CAPSBENCH_CPU_ISA=avx2``: perf/isa.py), so each machine builds it once (about 3 s). The
+code is portable C++ (no intrinsics; the compiler vectorises it for the target); flags a
+compiler lacks are dropped in turn. Without a compiler :func:`available` is False
 and CapsNet routes with the plain path; :func:`why_not` says why.
 """
 
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 
 from capsbench.models.kernels.fused_routing import routing_shapes
+from capsbench.perf.isa import march
 
 SOURCE = Path(__file__).with_name("cpu_routing.cpp")
 ABI = 2
@@ -71,28 +75,37 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "capsbench"
 
 
-def _flags(openmp: bool) -> list[str]:
+def _flags(openmp: bool, tuned: bool) -> list[str]:
+    """Compiler flags; ``tuned`` adds -march (x86) / -mcpu (ARM) for this CPU, or for the
+    instruction set CAPSBENCH_CPU_ISA caps it at (perf/isa.py: x86-64-v3 for avx2)."""
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=fast"]
-    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+    machine = platform.machine().lower()
+    if tuned and machine in ("x86_64", "amd64"):
+        flags.append(f"-march={march()}")
+    elif tuned and machine in ("aarch64", "arm64"):
+        flags.append("-mcpu=native")
     if openmp:
         flags.append("-fopenmp")
     return flags
 
 
-def _compile(cxx: str, target: Path) -> None:
+def _compile(cxx: str, target: Path) -> list[str]:
+    """Build the library at ``target``; returns the flags that worked. Each flag a compiler may
+    lack is dropped in turn (Apple's clang has no -fopenmp: one thread then; an old or foreign
+    compiler may not know -march=x86-64-v3 or -mcpu=native: portable code then)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for openmp in (True, False):  # Apple's clang has no -fopenmp: one thread then
+    for tuned, openmp in ((True, True), (True, False), (False, True), (False, False)):
+        flags = _flags(openmp, tuned)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            p = subprocess.run([cxx, *_flags(openmp), str(SOURCE), "-o", str(out)],
+            p = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out)],
                                capture_output=True, text=True, timeout=300)
             if p.returncode == 0:
                 os.replace(out, target)  # atomic: parallel workers may build at once
-                return
+                return flags
             errors.append(" ".join(p.stderr.split())[:300])  # one line: it ends up in CLI errors
-    raise RuntimeError(f"{cxx} could not compile {SOURCE.name}: {errors[-1]}")
+    raise RuntimeError(f"{cxx} could not compile {SOURCE.name}: {errors[0]}")
 
 
 def _prune(keep: Path) -> None:
@@ -129,7 +142,8 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + version.encode() + _cpu_key().encode() + str(ABI).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + version.encode() + _cpu_key().encode() + march().encode()
+                         + str(ABI).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_routing-{key}.so"
     lib = _load_cached(target)
     if lib is None:
