@@ -125,18 +125,26 @@ def test_a_failing_cell_becomes_an_error_row_and_the_run_goes_on(tmp_path, data_
         raise RuntimeError("this transform is broken")
 
     suite = Suite("t", "test suite", "mnist", "mnist28_shift2",
-                  (Cell("bad", "x", {}, broken), Cell("good", "none", {}, lambda x, y, g: x)))
+                  (Cell("bad", "x", {}, broken), Cell("good", "none", {}, lambda x, y, g: x),
+                   Cell("same", "none", {}, lambda x, y, g: x.clone()),  # the images of "good" again
+                   Cell("flipped", "flip", {}, lambda x, y, g: x.flip(-1))))
     res = train(TrainConfig(model="lenet5", steps=5, batch_size=16, train_limit=64), out=tmp_path,
                 data_root=data_root, device="cpu", progress=False)
     from capsbench.data.datasets import load_dataset
     from capsbench.train.device import to_float
 
     test = load_dataset("mnist", "test", data_root)
+    calls, lines = [], []
+    res.model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     rows = evaluate_cells(suite, res, suite.cells, to_float(test.images[:50]), test.labels[:50], tmp_path,
-                          {"model": "lenet5", "seed": 0}, torch.device("cpu"), log=lambda m: None)
+                          {"model": "lenet5", "seed": 0}, torch.device("cpu"), log=lines.append)
     bad = [r for r in rows if r["cell"] == "bad"]
     assert len(bad) == 1 and "this transform is broken" in bad[0]["error"]
     assert {r["metric"] for r in rows if r["cell"] == "good"} == {"accuracy", "confidence"}
+    # identical inputs are scored once (rot+180 and rot-180 in the rotation suite); the rows stay per cell
+    assert sum(calls) == 100 and any("same: " in ln and "the images of good" in ln for ln in lines)
+    value = {(r["cell"], r["metric"]): r["value"] for r in rows}
+    assert value["same", "accuracy"] == value["good", "accuracy"] and ("flipped", "accuracy") in value
 
 
 def test_rows_read_back_from_an_earlier_run_keep_their_direction_means(tmp_path, data_root):
