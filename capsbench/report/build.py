@@ -65,6 +65,7 @@ from capsbench.report.render import (
     _slug,
     render_html,
     render_markdown,
+    try_draw,
 )
 from capsbench.report.stats import holm, proportion_ci
 from capsbench.report.summary import _clean_accuracy, _params, summarize
@@ -446,13 +447,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     doc.h(2, "Answer")
     judged = [v for v in verdicts if v.run]
     doc.bullets([lead_sentence(v) for v in judged] or ["No claim could be judged: no run of a claim's suite was given."])
-    try:
-        fig = fig_claims(judged, figs_dir / "claims.png")
-    except Exception as e:  # a figure that cannot be drawn is reported, not fatal
-        fig = None
-        skipped_early = [f"claims summary figure: {type(e).__name__}: {e}"]
-    else:
-        skipped_early = []
+    skipped_early: list[str] = []
+    _, fig = try_draw(skipped_early, "claims summary figure", lambda: fig_claims(judged, figs_dir / "claims.png"))
     if fig is not None:
         doc.figure(fig, "Each claim's difference A - B in percentage points with its 95% interval over test images "
                         "and seeds (filled, coloured by verdict), the same two models' difference on clean digits "
@@ -606,14 +602,10 @@ def _add_breakdown(doc: Doc, run: Run, board: pd.DataFrame, figs_dir: Path, tabl
     families = dict(zip(board["model"], board["family"], strict=True)) if not board.empty else {}
 
     def attempt(what: str, fn, caption: str) -> None:
-        try:
-            path = fn()
-        except Exception as e:  # a figure that cannot be drawn is reported, not fatal
-            skipped.append(f"{run.label}: {what}: {type(e).__name__}: {e}")
-            return
-        if path is None:
+        ok, path = try_draw(skipped, f"{run.label}: {what}", fn)
+        if ok and path is None:
             skipped.append(f"{run.label}: {what}: no predictions to draw it from")
-        else:
+        elif ok:
             doc.figure(path, f"{run.label}: {caption}")
 
     if any(c.get("transform") == "rotation" for c in run.suite_meta.get("cells", []) or []):
@@ -645,11 +637,7 @@ def _run_figures(run: Run, summary: pd.DataFrame, figs_dir: Path, data_root: str
     slug = _slug(run.label)
 
     def attempt(what: str, fn) -> None:
-        try:
-            result = fn()
-        except Exception as e:  # a figure that cannot be drawn is reported, not fatal
-            skipped.append(f"{run.label}: {what}: {type(e).__name__}: {e}")
-            return
+        _, result = try_draw(skipped, f"{run.label}: {what}", fn)
         if result:
             figs.append(result)
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from capsbench.report.figures import _pyplot, _save
 from capsbench.report.load import Run
-from capsbench.report.render import Doc, _slug
+from capsbench.report.render import Doc, _slug, try_draw
 
 PROFILE_SUITE = "profile"
 COST_COLUMNS = [
@@ -282,10 +282,8 @@ def _add_run(doc: Doc, run: Run, figs_dir: Path, tables: dict[str, pd.DataFrame]
         doc.p(note)
 
     def draw(what: str, fn, caption: str) -> None:
-        try:
-            res = fn()
-        except Exception as e:  # a figure that cannot be drawn is reported, not fatal
-            skipped.append(f"{run.label}: {what}: {type(e).__name__}: {e}")
+        ok, res = try_draw(skipped, f"{run.label}: {what}", fn)
+        if not ok:
             return
         path, extra = res if isinstance(res, tuple) else (res, "")
         if path is None:

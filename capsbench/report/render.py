@@ -6,7 +6,7 @@ import base64
 import html
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,17 @@ def _fmt_value(r: pd.Series) -> str:
     if r["n_seeds"] >= 2:
         return f"{r['mean']:.4g} ± {r['ci_half']:.2g}"
     return f"{r['mean']:.4g}"
+
+
+def try_draw(skipped: list[str], what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+    """Call ``fn`` (it draws a figure); ``(True, its result)``, or ``(False, None)`` with the
+    error appended to ``skipped`` as ``"what: Error: message"``: a figure that cannot be drawn
+    is reported, not fatal."""
+    try:
+        return True, fn()
+    except Exception as e:
+        skipped.append(f"{what}: {type(e).__name__}: {e}")
+        return False, None
 
 
 def _slug(text: str) -> str:
