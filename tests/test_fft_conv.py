@@ -7,6 +7,8 @@ shapes, to a float64 reference, where it must be at least as close as oneDNN's F
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,11 +186,22 @@ def test_pooling_cnns_compute_the_same_with_either_convolution(name, size):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
 
 
-def test_pooling_cnns_take_the_dft_only_when_asked(monkeypatch):
+def test_pooling_cnns_take_the_dft_where_auto_says(monkeypatch):
+    """"auto": the DFT in float32 CPU training from batch 32 and inference from batch 100, on
+    28x28 inputs; direct for small batches, float64 and affNIST's 40x40; CAPSBENCH_CONV wins."""
+    monkeypatch.delenv("CAPSBENCH_CONV", raising=False)
     m = create_model("cnn_maxpool").train()
     x = torch.zeros(32, 1, 28, 28)
-    assert not m.uses_fft_conv(x) and not create_model("cnn_strided").uses_fft_conv(x)
+    assert m.uses_fft_conv(x) and create_model("cnn_strided").uses_fft_conv(x)
+    assert not m.uses_fft_conv(x[:16])
+    assert not create_model("cnn_maxpool", input_size=40).uses_fft_conv(torch.zeros(32, 1, 40, 40))
+    assert not create_model("cnn_maxpool").double().uses_fft_conv(x.double())
+    with torch.no_grad():
+        assert not m.uses_fft_conv(x) and m.uses_fft_conv(torch.zeros(100, 1, 28, 28))
     assert create_model("cnn_maxpool", conv_impl="fft").uses_fft_conv(x[:2])
+    assert not create_model("cnn_maxpool", conv_impl="direct").uses_fft_conv(x)
+    monkeypatch.setenv("CAPSBENCH_CONV", "direct")
+    assert not m.uses_fft_conv(x)
     monkeypatch.setenv("CAPSBENCH_CONV", "fft")
     assert m.uses_fft_conv(x[:2])
     monkeypatch.setenv("CAPSBENCH_CONV", "fast")
@@ -196,3 +209,34 @@ def test_pooling_cnns_take_the_dft_only_when_asked(monkeypatch):
         m(x)
     with pytest.raises(ValueError, match="conv_impl must be one of auto, direct, fft"):
         create_model("cnn_maxpool", conv_impl="winograd")
+
+
+@pytest.mark.parametrize("conv_impl", ["fft", "direct"])
+@pytest.mark.parametrize("size", [28, 40])
+def test_max_pooling_cnn_fast_first_block_is_the_plain_one(conv_impl, size):
+    """conv1 by GEMM, pooled before the ReLU in the DFT's layout (training) and a few images at a
+    time (inference): the values and every parameter gradient of pool(relu(conv1(x))), in
+    float64, with blank rows whose patches tie (conv1 gives them its bias)."""
+    from capsbench.models.base import record_stages
+    from capsbench.models.baselines import cnn
+
+    torch.manual_seed(0)
+    m = create_model("cnn_maxpool", input_size=size, conv_impl=conv_impl).double()
+    B = cnn.INFER_CHUNK * 2 + 7
+    x = torch.rand(B, 1, size, size, dtype=torch.float64)
+    x[:, :, :8] = 0
+    y = torch.randint(0, 10, (B,))
+    runs = []
+    for plain in (False, True):  # the stage recorder switches the fast paths off
+        m.zero_grad()
+        with record_stages() if plain else contextlib.nullcontext():
+            out = m(x).scores
+            F.cross_entropy(out, y).backward()
+            with torch.inference_mode():
+                inf = m(x).scores
+        runs.append((out.detach(), inf, [p.grad.clone() for p in m.parameters()]))
+    (oa, ia, ga), (ob, ib, gb) = runs
+    torch.testing.assert_close(oa, ob, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ia, ib, rtol=1e-12, atol=1e-12)
+    for p, q in zip(ga, gb, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -15,7 +15,7 @@ from capsbench.train.config import TrainConfig
 from capsbench.train.jobs import evaluate_clean
 from capsbench.train.trainer import train
 
-MODELS = ["capsnet", "lenet5", "cnn_maxpool", "efficientnet_b0"]
+MODELS = list(get_suite("rotation").default_models)  # the README first command's models
 
 
 def test_registered_suites():

@@ -168,6 +168,12 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def recording() -> bool:
+    """Whether :func:`mark` calls are being recorded (a model may then skip a fused fast path
+    whose stages it could not mark apart)."""
+    return _RECORDER is not None
+
+
 def mark(x: torch.Tensor, name: str) -> torch.Tensor:
     """Mark the end of stage ``name`` (see above); identity unless the profiler records."""
     rec = _RECORDER

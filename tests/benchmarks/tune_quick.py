@@ -8,7 +8,10 @@ A job at the profile's own rate is trained with ``lr=None``, so its key equals t
 seed-0 job and a later ``capsbench run --out`` into the same folder reuses it.
 
     python tests/benchmarks/tune_quick.py --out /work/runs --data-root ../shared/data \\
-        --models capsnet,cnn_maxpool,lenet5,efficientnet_b0 --lrs 1e-3,5e-4
+        --models capsnet,cnn_maxpool,lenet5,efficientnet_b0 --lrs 1e-3,5e-4 [--seeds 0,1,2]
+
+``CAPSBENCH_CONV=direct|fft`` in its environment compares the two convolution paths (each into its
+own ``--out``: the job key does not name the path).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def main() -> None:
     ap.add_argument("--lrs", default="1e-3,5e-4")
     ap.add_argument("--protocol", default="mnist28_shift2")
     ap.add_argument("--profile", default="quick")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     ap.add_argument("--out", default="runs")
     ap.add_argument("--data-root", default=None)
     args = ap.parse_args()
@@ -40,16 +43,19 @@ def main() -> None:
     _, val_idx = validation_split(train_set.labels)
     x_val = proto.clean(to_float(train_set.images[val_idx]))
     y_val = train_set.labels[val_idx]
-    print("| model | steps | lr | validation accuracy (%) | train s |\n| --- | ---: | ---: | ---: | ---: |")
+    print("| model | seed | steps | lr | validation accuracy (%) | train s |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")
     for model in args.models.split(","):
         for lr in (float(v) for v in args.lrs.split(",")):
             own = lr == profile.lr_for(model)
-            cfg = TrainConfig(model=model, protocol=args.protocol, profile=args.profile, seed=args.seed,
-                              lr=None if own else lr)
-            res = train(cfg, out=args.out, data_root=args.data_root, device="cpu", progress=False, log=lambda m: None)
-            acc = accuracy(predict(res.model, x_val)[0], y_val)
-            print(f"| {model} | {res.steps_done} | {lr:g}{' (profile)' if own else ''} | {100 * acc:.2f} | "
-                  f"{res.train_time_s:.0f}{' (reused)' if res.reused else ''} |", flush=True)
+            for seed in (int(v) for v in args.seeds.split(",")):
+                cfg = TrainConfig(model=model, protocol=args.protocol, profile=args.profile, seed=seed,
+                                  lr=None if own else lr)
+                res = train(cfg, out=args.out, data_root=args.data_root, device="cpu", progress=False,
+                            log=lambda m: None)
+                acc = accuracy(predict(res.model, x_val)[0], y_val)
+                print(f"| {model} | {seed} | {res.steps_done} | {lr:g}{' (profile)' if own else ''} | {100 * acc:.2f} | "
+                      f"{res.train_time_s:.0f}{' (reused)' if res.reused else ''} |", flush=True)
 
 
 if __name__ == "__main__":

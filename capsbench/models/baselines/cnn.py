@@ -22,24 +22,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsbench.models.base import Classifier, ModelOutput, mark
-from capsbench.models.kernels.fft_conv import check_conv_impl, fft_conv2d, wants_fft
+from capsbench.models.base import Classifier, ModelOutput, mark, recording
+from capsbench.models.kernels.fft_conv import check_conv_impl, fft_conv2d, gemm_conv2d, wants_fft
 from capsbench.models.registry import register_model
 
 # The second convolution (512 -> 256 channels, 5x5, on a 12x12 map; 18x18 at 40x40) is almost
-# all of the network's arithmetic (419 of 434 MFLOP per image forward at 28x28). With
-# conv_impl="fft" (or CAPSBENCH_CONV=fft) it runs through the DFT (models/kernels/fft_conv.py; the same
-# convolution to float32 rounding). On the 2-core build machine `capsbench speed --model
-# cnn_maxpool --conv fft|direct --device cpu --variants fp32 --batch-sizes 32,100 --infer-batch
-# 500` gave steps of 148 vs 263 ms at batch 32 and 329 vs 791 ms at 100, inference at 500 0.71 vs
-# 1.32 s; in an alternating-step script batch 8 trained slower by the DFT (105 vs 84 ms: the
-# weight transform costs the same at any batch size) and 40x40 inputs at batch 32 faster (469
-# vs 796 ms). It is not the default ("auto" is "direct"): the DFT's rounding error is spread
-# evenly over the weight gradient instead of scaling with each entry, Adam divides every entry
-# by its own running magnitude, and this ReLU + max-pooling network's trajectory then departs
-# from the direct one's like another seed's (tests/benchmarks/conv_drift.py). The quick
-# rotation suite (seed 0) reached 97.8% clean accuracy against 98.1% direct, cells differing by
-# up to 1.7 points (docs/performance.md), where CapsNet's DFT path keeps its smoke-suite accuracies.
+# all of the network's arithmetic (419 of 434 MFLOP per image forward at 28x28). On CPUs it runs
+# through the DFT (models/kernels/fft_conv.py; the same convolution to float32 rounding) in float32
+# from batch FFT_CONV_MIN_BATCH in training and FFT_CONV_MIN_INFER_BATCH in inference on 28x28
+# inputs, as CapsNet's PrimaryCaps does: `capsbench speed --model cnn_maxpool --conv fft|direct
+# --variants fp32 --batch-sizes 32` (2-core Intel Xeon, 2026-12-05) trained at 238 vs 161 images/s
+# with AVX-512 and 188 vs 101 with AVX2 only (CAPSBENCH_CPU_ISA=avx2); batch 8 trained slower by
+# the DFT (105 vs 84 ms per step: the weight transform costs the same at any batch size). The
+# DFT spreads its rounding error evenly over the weight gradient instead of scaling it with each
+# entry, so a DFT run departs from a direct one like another seed; validation accuracy over three
+# seeds is the same either way (docs/performance.md#pooling-cnns-by-the-dft, tests/benchmarks/
+# tune_quick.py). 40x40 inputs (affNIST's canvas) stay direct by default, as CapsNet's do; "direct"
+# or "fft" (conv_impl or CAPSBENCH_CONV) forces either.
+FFT_CONV_MAX_INPUT = 28
+FFT_CONV_MIN_BATCH = 32
+FFT_CONV_MIN_INFER_BATCH = 100
+# In inference the first convolution's output (512 maps of 24x24: 1.2 MB per image) is made and
+# pooled a few images at a time, so it stays in cache, and pooled before the ReLU (they commute:
+# the same values); 0.57 vs 0.95 s per 500 images for that stage, AVX2 only.
+INFER_CHUNK = 25
+
+
+def _pool2(h: torch.Tensor, dh: int, dw: int) -> torch.Tensor:
+    """2x2 max-pooling (stride 2, odd edges dropped) of dimensions ``dh`` and ``dw`` (dh < dw),
+    in whatever layout ``h`` is: the values of ``F.max_pool2d(h, 2)``. Its gradient splits a
+    tie evenly where max_pool2d gives it to one entry; ties are a patch's copies of one value
+    (all-zero patches give conv1 its bias), so the parameters' gradients are the same."""
+    H, W = h.shape[dh], h.shape[dw]
+    h = h.narrow(dh, 0, H // 2 * 2).narrow(dw, 0, W // 2 * 2)
+    h = h.unflatten(dw, (W // 2, 2)).unflatten(dh, (H // 2, 2))
+    return h.amax((dh + 1, dw + 2))
 
 
 class PoolingCNN(Classifier):
@@ -48,10 +65,10 @@ class PoolingCNN(Classifier):
     Args:
         downsample: "maxpool" (2x2 max-pooling) or "strided" (2x2 stride-2 convolution).
         dropout: probability of dropout before the last layer (0 disables it).
-        conv_impl: how the second convolution runs: "auto" (= "direct" unless $CAPSBENCH_CONV
-            says otherwise), "direct" (F.conv2d) or "fft" (models/kernels/fft_conv.py, the same
-            convolution to float32 rounding; on CPUs faster in training from batch 16 and in
-            inference from batch 32; see above).
+        conv_impl: how the second convolution runs: "auto" (the DFT on CPUs in float32 on 28x28
+            inputs from the batch sizes above, else direct; $CAPSBENCH_CONV overrides it),
+            "direct" (F.conv2d) or "fft" (models/kernels/fft_conv.py, the same convolution to
+            float32 rounding).
     """
 
     family = "cnn"
@@ -85,11 +102,33 @@ class PoolingCNN(Classifier):
 
     def uses_fft_conv(self, x: torch.Tensor) -> bool:
         """Whether the second convolution runs by the DFT for the model input ``x``."""
-        return wants_fft(self.conv_impl, x, self.conv2.weight)  # no thresholds: "auto" is "direct"
+        return wants_fft(self.conv_impl, x, self.conv2.weight, FFT_CONV_MIN_BATCH, FFT_CONV_MIN_INFER_BATCH,
+                         FFT_CONV_MAX_INPUT)
+
+    def _first_block(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1, ReLU, 2x2 max-pool (the same values as ``pool(relu(conv1(x)))``).
+
+        None (the plain layers) in training. In inference, a few images at a time, so the 24x24
+        maps stay in cache, pooled before the ReLU (they commute); where the second convolution
+        runs by the DFT, conv1 as a GEMM into the (H, W, B, C) layout the DFT reads without a
+        copy. Not while the stage profiler records: it times conv and pool apart."""
+        if self.downsample != "maxpool" or recording() or torch.is_grad_enabled() or x.shape[0] <= INFER_CHUNK:
+            return None
+        if self.uses_fft_conv(x):
+            h = torch.cat([self._gemm_pool(xb) for xb in x.split(INFER_CHUNK)], dim=2)  # (H, W, B, C)
+            return h.permute(2, 3, 0, 1)
+        return torch.cat([F.relu(_pool2(self.conv1(xb), 2, 3)) for xb in x.split(INFER_CHUNK)])
+
+    def _gemm_pool(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.conv1.weight
+        h = gemm_conv2d(x.to(w.dtype), w, self.conv1.bias).permute(2, 3, 0, 1)  # (H, W, B, C), dense
+        return F.relu(_pool2(h, 0, 1))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
         down = "pool" if self.downsample == "maxpool" else "strided_conv"
-        h = mark(self.down1(mark(F.relu(self.conv1(x)), "conv")), down)
+        h = self._first_block(x)
+        if h is None:
+            h = mark(self.down1(mark(F.relu(self.conv1(x)), "conv")), down)
         if self.uses_fft_conv(x):  # in the weights' precision even under autocast (conv_impl="fft")
             with torch.autocast(device_type=x.device.type, enabled=False):
                 h = fft_conv2d(h.to(self.conv2.weight.dtype), self.conv2.weight, self.conv2.bias)
