@@ -120,8 +120,7 @@ def _add_impl_flags(p: argparse.ArgumentParser) -> None:
                    help="CapsNet's convolutions: auto (= fft for float32 CPU training steps on 28x28 inputs at batch >= 32 "
                         "and inference at batch >= 100, direct otherwise, unless $CAPSBENCH_CONV says otherwise), direct "
                         "(F.conv2d: the same oneDNN / cuDNN convolutions as the CNNs) or fft (Conv1 by GEMM, PrimaryCaps by "
-                        "FFT; models/kernels/fft_conv.py); cnn_maxpool / cnn_strided: fft runs their second convolution by the DFT "
-                        "(auto = direct)")
+                        "FFT; models/kernels/fft_conv.py); cnn_maxpool / cnn_strided: their second convolution, by the same rule")
 
 
 def add_commands(sub, add_common) -> None:

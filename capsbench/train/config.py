@@ -77,8 +77,15 @@ class TrainConfig:
             check_match_target(self.match_accuracy, tolerance=get_profile(self.profile).match_tolerance)
         if self.match_eval_every < 1:
             raise ConfigError(f"match_eval_every must be >= 1, got {self.match_eval_every}")
-        PROTOCOLS.get(self.protocol)
+        proto = PROTOCOLS.get(self.protocol)
         get_profile(self.profile)
+        from capsbench.models import model_info
+
+        sizes = model_info(self.model).get("input_sizes")
+        if sizes and proto.input_size not in sizes:
+            raise ConfigError(
+                f"model {self.model!r} takes {' or '.join(f'{n}x{n}' for n in sizes)} inputs, but protocol "
+                f"{self.protocol!r} trains on {proto.input_size}x{proto.input_size}; choose another model for it")
         return self
 
     def resolved(self, train_size: int) -> tuple[int, int]:

@@ -62,7 +62,7 @@ conjugation rules to get wrong, and a float64 gradcheck holds it to the same mat
 where a_fw = 1 for the columns a real inverse FFT counts once (fw = 0 and, for even W, W / 2)
 and 2 for the others. CapsNet uses this for PrimaryCaps in float32 CPU training steps and
 batched inference (models/capsnet.py, ``conv_impl``), the pooling CNNs for their second
-convolution when asked (capsbench/models/baselines/cnn.py); on a GPU cuDNN's convolutions are the faster choice.
+convolution in the same cases (capsbench/models/baselines/cnn.py); on a GPU cuDNN's convolutions are the faster choice.
 """
 
 from __future__ import annotations
