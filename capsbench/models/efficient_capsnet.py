@@ -40,6 +40,7 @@ from torch import nn
 
 from capsbench.errors import ConfigError
 from capsbench.models.base import Classifier, ModelOutput, mark
+from capsbench.models.capsnet import CapsNet
 from capsbench.models.registry import register_model
 
 LENGTH_EPS = 1e-7  # Keras' backend epsilon, inside the square root of the capsule length
@@ -130,16 +131,9 @@ class EfficientCapsNet(Classifier):
             recon = mark(self.decoder((v * mask.unsqueeze(-1)).flatten(1)), "decoder")
         return ModelOutput(scores=lengths, poses=v, reconstruction=recon, coupling=c)
 
-    def loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        lengths = out.scores.float()
-        t = F.one_hot(y, self.num_classes).to(lengths.dtype)
-        per_class = (t * F.relu(self.m_plus - lengths).pow(2)
-                     + self.lambda_ * (1.0 - t) * F.relu(lengths - self.m_minus).pow(2))
-        loss = per_class.sum(dim=1).mean()
-        if out.reconstruction is not None and self.recon_weight > 0:
-            err = (out.reconstruction.float() - x.flatten(1).float()).pow(2).sum(dim=1).mean()
-            loss = loss + self.recon_weight * err
-        return loss
+    # CapsNet's margin loss and reconstruction term, with the same m+, m-, lambda and weight
+    margin_loss = CapsNet.margin_loss
+    loss = CapsNet.loss
 
     def confidence(self, out: ModelOutput) -> torch.Tensor:
         return out.scores.float().clamp(0.0, 1.0)
