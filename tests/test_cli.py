@@ -34,7 +34,7 @@ def test_list_profiles_is_a_table(capsys):
     assert lines[0].split()[:2] == ["profile", "batch"] and [ln.split()[0] for ln in lines[1:]] == ["paper", "quick",
                                                                                                       "smoke"]
     quick = lines[2]
-    assert quick.index("32") == lines[0].index("batch") and "capsnet 850" in quick and "x0.4 on canvas40_random" in quick
+    assert quick.index("32") == lines[0].index("batch") and "capsnet 700" in quick and "x0.49 on canvas40_random" in quick
 
 
 def test_data_info_reports_status(data_root, capsys):

@@ -8,7 +8,7 @@ A job at the profile's own rate is trained with ``lr=None``, so its key equals t
 seed-0 job and a later ``capsbench run --out`` into the same folder reuses it.
 
     python tests/benchmarks/tune_quick.py --out /work/runs --data-root ../shared/data \\
-        --models capsnet,cnn_maxpool,lenet5,efficientnet_b0 --lrs 1e-3,5e-4 [--seeds 0,1,2]
+        --models capsnet,cnn_maxpool,lenet5,efficientnet_b0 --lrs 1e-3,5e-4 [--seeds 0,1,2] [--steps 650,700]
 
 ``CAPSBENCH_CONV=direct|fft`` in its environment compares the two convolution paths (each into its
 own ``--out``: the job key does not name the path).
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--protocol", default="mnist28_shift2")
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
+    ap.add_argument("--steps", default=None,
+                    help="comma-separated step budgets to try instead of the profile's (e.g. 650,700)")
     ap.add_argument("--out", default="runs")
     ap.add_argument("--data-root", default=None)
     args = ap.parse_args()
@@ -48,9 +50,10 @@ def main() -> None:
     for model in args.models.split(","):
         for lr in (float(v) for v in args.lrs.split(",")):
             own = lr == profile.lr_for(model)
-            for seed in (int(v) for v in args.seeds.split(",")):
+            budgets = [None] if args.steps is None else [int(v) for v in args.steps.split(",")]
+            for steps, seed in ((n, int(v)) for n in budgets for v in args.seeds.split(",")):
                 cfg = TrainConfig(model=model, protocol=args.protocol, profile=args.profile, seed=seed,
-                                  lr=None if own else lr)
+                                  lr=None if own else lr, steps=steps)
                 res = train(cfg, out=args.out, data_root=args.data_root, device="cpu", progress=False,
                             log=lambda m: None)
                 acc = accuracy(predict(res.model, x_val)[0], y_val)
