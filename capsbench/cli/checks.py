@@ -27,10 +27,15 @@ def _model_list(text: str | None) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()] if text else []
 
 
-def _check_models(names: Sequence[str], option: str = "--models") -> None:
+def _check_models(names: Sequence[str], option: str = "--models", entries: bool = False) -> None:
+    """Every name a registered model (or pkg.module:factory); with ``entries``, each may carry an
+    augmentation (``capsnet@rot180``, a suite run's model trained on rotated digits)."""
     from capsbench.models import list_models
     from capsbench.models.registry import resolve_model
+    from capsbench.train.protocols import split_entry
 
+    if entries:
+        names = [split_entry(m)[0] for m in names]
     for m in names:
         if ":" in m:  # pkg.module:factory: imported and registered now, or one line saying why not
             resolve_model(m)
@@ -107,14 +112,16 @@ def _preflight(args: argparse.Namespace) -> None:
         from capsbench.train.config import TrainConfig
         from capsbench.train.device import check_device_options, resolve_device
         from capsbench.train.profiles import get_profile
+        from capsbench.train.protocols import entry_protocol, split_entry
 
         suite = get_suite(args.suite)
         profile = get_profile(args.profile)
         models = _model_list(getattr(args, "models", None)) or list(suite.default_models)
-        _check_models(models)
+        _check_models(models, entries=True)
         match = getattr(args, "match_accuracy", None)
         for model in models:
-            TrainConfig(model=model, dataset=suite.dataset, protocol=suite.protocol,
+            TrainConfig(model=split_entry(model)[0], dataset=suite.dataset,
+                        protocol=entry_protocol(suite.protocol, model),
                         profile=profile.name, match_accuracy=match).validate()
         checkpoints(args.checkpoint, models)
         check_device_options(resolve_device(args.device), args.amp, speed_options(args))

@@ -326,6 +326,24 @@ def rotate(x: Tensor, degrees: PerImage, *, mode: str = "bilinear") -> Tensor:
     return affine(x, angle_deg=degrees, mode=mode)
 
 
+def random_rotate(x: Tensor, max_degrees: float, generator: torch.Generator) -> Tensor:
+    """Rotate each image about its centre by an angle uniform in [-max_degrees, max_degrees]
+    (bilinear, zero fill): rotation-augmented training (``+rotN`` protocols).
+
+    Args:
+        x: (B, 1, H, W) batch (see :func:`as_float_batch`).
+        max_degrees: the largest angle, in (0, 180].
+        generator: CPU generator.
+
+    Returns:
+        (B, 1, H, W) float32 on ``x``'s device.
+    """
+    x = as_float_batch(x)
+    _check_generator(generator, "random_rotate")
+    angles = (torch.rand(x.shape[0], generator=generator, dtype=torch.float64) * 2 - 1) * float(max_degrees)
+    return rotate(x, angles)
+
+
 def random_affine_params(
     n: int,
     generator: torch.Generator,

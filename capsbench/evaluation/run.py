@@ -68,7 +68,7 @@ from capsbench.train.device import (
 from capsbench.train.jobs import load_pretrained, pretrained_config
 from capsbench.train.matching import MATCH_FAR_SUBSET, MATCH_SEARCH_STEPS, NEAR_EVERY, NEAR_TARGET
 from capsbench.train.profiles import get_profile
-from capsbench.train.protocols import PROTOCOLS
+from capsbench.train.protocols import PROTOCOLS, entry_protocol, split_entry
 
 # A row without one of these was cut off or garbled: it is dropped and its cell evaluated again.
 REQUIRED_COLUMNS = ("model", "seed", "cell", "metric", "n", "job_key")
@@ -77,6 +77,12 @@ REQUIRED_COLUMNS = ("model", "seed", "cell", "metric", "n", "job_key")
 NAN_METRICS = ("matched_at_step", "match_val_accuracy")
 # The rows every trained job has in the "train" cell (see _train_rows).
 TRAIN_METRICS = ("params", "train_steps", "train_time_s")
+
+
+def _resolve_entry(entry: str) -> str:
+    """A --models entry with its model resolved (``pkg.module:factory@rot90`` -> ``factory@rot90``)."""
+    model, aug = split_entry(entry)
+    return resolve_model(model) + (f"@{aug}" if aug else "")
 
 
 def _has_error(row: dict[str, Any]) -> bool:
@@ -154,7 +160,9 @@ def run_suite(
     """Run a suite end to end and return its run directory (see the module docstring).
 
     ``models``: registered names, or ``pkg.module:factory`` for a model from outside capsbench
-    (:func:`capsbench.models.registry.resolve_model`).
+    (:func:`capsbench.models.registry.resolve_model`); either with ``@rotN`` for the model trained
+    on digits turned by up to N degrees (``capsnet@rot180``; :mod:`capsbench.train.protocols`),
+    scored beside the others under that name.
     ``checkpoints``: models trained elsewhere, by name: a checkpoint file (or one per seed) whose
     weights are scored instead of training the model (:func:`capsbench.train.jobs.load_pretrained`).
 
@@ -171,14 +179,15 @@ def run_suite(
     """
     suite = get_suite(suite_name)
     prof = get_profile(profile)
-    ckpts = {resolve_model(m): [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    ckpts = {_resolve_entry(m): [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
              for m, paths in (checkpoints or {}).items()}
     models = list(dict.fromkeys(models or (list(ckpts) if ckpts else suite.default_models)))
     known = list_models()
-    unknown = [m for m in models if ":" not in m and m not in known]
+    unknown = [m for m in models if ":" not in split_entry(m)[0] and split_entry(m)[0] not in known]
     if unknown:
-        raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known models: {', '.join(known)}")
-    models = list(dict.fromkeys(resolve_model(m) for m in models))  # pkg.module:factory -> its name
+        raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known models: {', '.join(known)} (trained on "
+                          "rotated digits: MODEL@rotN, e.g. capsnet@rot180)")
+    models = list(dict.fromkeys(_resolve_entry(m) for m in models))  # pkg.module:factory -> its name
     absent = [m for m in ckpts if m not in models]
     if absent:
         raise ConfigError(f"--checkpoint for {', '.join(absent)}, which is not in --models ({', '.join(models)})")
@@ -195,13 +204,15 @@ def run_suite(
     dev = resolve_device(device)
     speed = check_device_options(dev, amp, speed)
     for model_name in models:  # every number checked before anything is created
-        TrainConfig(model=model_name, dataset=suite.dataset, protocol=suite.protocol, profile=prof.name,
+        TrainConfig(model=split_entry(model_name)[0], dataset=suite.dataset,
+                    protocol=entry_protocol(suite.protocol, model_name), profile=prof.name,
                     match_accuracy=match_accuracy, amp=amp, epochs=epochs).validate()
     size = PROTOCOLS.get(suite.protocol).input_size
-    for model_name in models:  # a plug-in that breaks the model protocol stops here, in one line
-        if model_info(model_name).get("source"):
+    for model_name in dict.fromkeys(split_entry(m)[0] for m in models):  # a plug-in that breaks the model
+        if model_info(model_name).get("source"):  # protocol stops here, in one line
             create_model(model_name, input_size=size)
-    pretrained = {m: [pretrained_config(TrainConfig(model=m, dataset=suite.dataset, protocol=suite.protocol,
+    pretrained = {m: [pretrained_config(TrainConfig(model=split_entry(m)[0], dataset=suite.dataset,
+                                                    protocol=entry_protocol(suite.protocol, m),
                                                     profile=prof.name, seed=i), p) for i, p in enumerate(paths)]
                   for m, paths in ckpts.items()}
     for cfg in (c for cfgs in pretrained.values() for c in cfgs):  # weights that do not fit stop here
@@ -265,9 +276,9 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
     for model_name in models:
         for seed in range(seeds_of[model_name]):
             cfg = pretrained[model_name][seed] if model_name in pretrained else TrainConfig(
-                model=model_name,
+                model=split_entry(model_name)[0],
                 dataset=suite.dataset,
-                protocol=suite.protocol,
+                protocol=entry_protocol(suite.protocol, model_name),
                 profile=prof.name,
                 seed=seed,
                 match_accuracy=match_accuracy,
@@ -280,7 +291,7 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
                 "suite": suite.name,
                 "model": model_name,
                 "seed": seed,
-                "train_data": f"{suite.dataset}:{suite.protocol}",
+                "train_data": f"{suite.dataset}:{entry_protocol(suite.protocol, model_name)}",
                 "profile": prof.name,
                 "device": str(dev),
                 "git_sha": env["git_sha"],
@@ -390,7 +401,7 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
         eval_indices=evaluation.get("indices"),
         deterministic=deterministic, progress=progress,
         speed={**asdict(speed), "curve": False},
-        extra={"plugins": {m: info["source"] for m, info in ((m, model_info(m)) for m in models)
+        extra={"plugins": {m: info["source"] for m, info in ((m, model_info(split_entry(m)[0])) for m in models)
                            if info.get("plugin") == "module:factory"}},
     )
     runner = make_executor(executor, log=log, address=ray_address, cpus_per_task=cpus_per_task) \

@@ -14,7 +14,7 @@ import pandas as pd
 from capsbench.registry import Registry
 from capsbench.report.load import Run
 from capsbench.report.render import _pct
-from capsbench.report.stats import MIN_SEEDS, compare_paired
+from capsbench.report.stats import MIN_SEEDS, NEGLIGIBLE, compare_paired
 from capsbench.report.summary import _clean_accuracy
 
 VERDICT_RULE = (
@@ -29,10 +29,12 @@ VERDICT_RULE = (
     "differences has its CI above 0; otherwise 'inconclusive': the gap may be clean accuracy, not "
     "robustness), and the affNIST claim only if both models were matched in every seed: stopped by "
     "--match-accuracy with a validation accuracy at the stop within the run's tolerance above the "
-    "target (otherwise 'inconclusive' instead of 'supported' or 'refuted'). A claim whose suite, "
-    "models or predictions are missing is 'not evaluated', with the reason. The three claims are a "
-    "family: each p-value is shown raw and Holm-adjusted; the verdicts use the 95% CIs, not the "
-    "adjusted p."
+    "target (otherwise 'inconclusive' instead of 'supported' or 'refuted'). A claim that two models are "
+    "equally robust ('as robust as') is 'supported' if the CI lies within +-1 point, 'refuted' if it lies "
+    "entirely beyond +1 or below -1, 'inconclusive' otherwise. A claim whose suite, models or "
+    "predictions are missing is 'not evaluated', with the reason (the claims about further baselines "
+    "are left out of a report whose runs lack their models). The report's claims are a family: each "
+    "p-value is shown raw and Holm-adjusted; the verdicts use the 95% CIs, not the adjusted p."
 )
 
 
@@ -58,6 +60,11 @@ class Claim:
     accuracy claim is 'supported' only if the advantage on its cells exceeds the one on the clean
     cell. ``needs_matched``: the two models must have been trained to a matched validation
     accuracy (``--match-accuracy``) in every seed, or the verdict is at most 'inconclusive'.
+    ``equivalence``: the claim is that A and B are equal within +-1 point (``direction`` is then
+    unused): 'supported' if the CI lies inside, 'refuted' if it lies wholly outside.
+    ``optional``: a claim about further baselines, left out of a report whose runs of its suite
+    lack either model (instead of a 'not evaluated' row). A model may be a suite entry trained
+    with an augmentation, e.g. ``cnn_maxpool@rot180``.
 
     Example:
         >>> Claim("mine", "my_caps beats CapsNet on rotated digits", ("rotation",), "my_caps", "capsnet").cells
@@ -74,6 +81,8 @@ class Claim:
     direction: int = 1
     clean_check: bool = True
     needs_matched: bool = False
+    equivalence: bool = False
+    optional: bool = False
 
     def __post_init__(self) -> None:
         from capsbench.errors import ConfigError
@@ -120,6 +129,23 @@ register_claim(Claim(
     "affNIST", "CapsNet generalises better to affNIST than the CNN (accuracy on the affnist cell)",
     ("affnist",), "capsnet", "cnn_maxpool", "accuracy", cells=("affnist",), clean_check=False,
     needs_matched=True))
+
+
+# Claims about further baselines (optional: reported when a run of the rotation suite has both models,
+# e.g. `capsbench run --suite rotation --models capsnet,cnn_maxpool,steerable_c8,cnn_maxpool@rot180,
+# efficient_capsnet --seeds 3`).
+register_claim(Claim(
+    "equivariant CNN", "CapsNet is more accurate on rotated digits than a CNN built to be rotation-equivariant, "
+    "the C8 steerable CNN (both trained upright; pooled over the non-zero angles)", ("rotation",), "capsnet",
+    "steerable_c8", "accuracy", cells="rotations", optional=True))
+register_claim(Claim(
+    "augmentation", "the pooling CNN trained on digits rotated by up to 180 degrees is more accurate on rotated "
+    "digits than CapsNet trained upright (training on rotations closes the CNN's gap)", ("rotation",),
+    "cnn_maxpool@rot180", "capsnet", "accuracy", cells="rotations", clean_check=False, optional=True))
+register_claim(Claim(
+    "Efficient-CapsNet", "Efficient-CapsNet (self-attention routing) is as robust to rotation as the 2017 "
+    "CapsNet: accuracy on rotated digits within 1 point", ("rotation",), "efficient_capsnet", "capsnet",
+    "accuracy", cells="rotations", clean_check=False, equivalence=True, optional=True))
 
 
 def load_claims(path: str | os.PathLike) -> list[Claim]:
@@ -246,6 +272,10 @@ def select_cells(which: str | Sequence[str], run: Run) -> list[str]:
 def evaluate_claim(claim: Claim, runs: Sequence[Run]) -> list[Verdict]:
     """One verdict per run of the claim's suite (one 'not evaluated' verdict when there is none)."""
     matching = [r for r in runs if r.suite in claim.suites]
+    if claim.optional:
+        matching = [r for r in matching if claim.a in r.models() and claim.b in r.models()]
+        if not matching:
+            return []
     if not matching:
         return [Verdict(claim.name, claim.statement, measure=claim.measure,
                         comparison=f"{claim.a} vs {claim.b}",
@@ -312,6 +342,9 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
     v.difference, v.ci_low, v.ci_high = res["difference"], res["ci_low"], res["ci_high"]
     v.se_images, v.se_seeds, v.p_value = res["se_images"], res["se_seeds"], res["p_value"]
     v.pairs, v.n_seeds, v.verdict = res["pairs"], res["n_seeds"], res["verdict"]
+    if claim.equivalence:
+        v.comparison = f"{claim.a} - {claim.b} (equal within +-{_pp(NEGLIGIBLE)} pp)"
+        v.verdict = equivalence_verdict(v.ci_low, v.ci_high, v.n_seeds)
     n_images = len(a_units[0]) if len({len(u) for u in a_units}) == 1 else None
     v.notes.insert(0, f"{v.n_seeds} seed(s) of each model x {len(a_units) // max(v.n_seeds, 1)} cell(s)"
                       + (f" x {n_images} test images" if n_images else f", {v.pairs} paired outcomes") + ". "
@@ -337,6 +370,20 @@ def _evaluate_claim_on(claim: Claim, run: Run) -> Verdict:
                            "at a matched clean accuracy.")
             v.verdict = "inconclusive"
     return v
+
+
+def equivalence_verdict(ci_low: float, ci_high: float, n_seeds: int, margin: float = NEGLIGIBLE) -> str:
+    """The verdict on 'A is as good as B': the CI inside +-margin 'supported', wholly beyond it
+    'refuted', else 'inconclusive' (and 'inconclusive' with fewer than 2 seeds, as every claim)."""
+    if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
+        return "not evaluated"
+    if n_seeds < MIN_SEEDS:
+        return "inconclusive"
+    if -margin <= ci_low and ci_high <= margin:
+        return "supported"
+    if ci_low > margin or ci_high < -margin:
+        return "refuted"
+    return "inconclusive"
 
 
 def _pp(x: float, sign: bool = False) -> str:

@@ -21,6 +21,7 @@ from capsbench.report.claims import select_cells
 from capsbench.report.load import Run
 from capsbench.report.stats import by_seed, two_way_mean
 from capsbench.report.summary import _params
+from capsbench.train.protocols import split_entry
 
 COLUMNS = [
     "run_id", "suite", "model", "family", "seeds", "params", "gflops_per_image",
@@ -119,10 +120,10 @@ def leaderboard(runs: Sequence[Run]) -> pd.DataFrame:
             times = [float(j["train_time_s"]) for j in mine if j.get("train_time_s")]
             n_seeds = max(clean[3], robust[3])
             rows.append({
-                "run_id": run.label, "suite": run.suite, "model": model, "family": _family(model),
+                "run_id": run.label, "suite": run.suite, "model": model, "family": _family(split_entry(model)[0]),
                 "seeds": n_seeds,
                 "params": int(params[model]) if model in params and math.isfinite(params[model]) else None,
-                "gflops_per_image": _gflops(model, size) if size else float("nan"),
+                "gflops_per_image": _gflops(split_entry(model)[0], size) if size else float("nan"),
                 "clean_accuracy_pct": clean[0], "clean_ci_low_pct": clean[1], "clean_ci_high_pct": clean[2],
                 "robust_accuracy_pct": robust[0], "robust_ci_low_pct": robust[1], "robust_ci_high_pct": robust[2],
                 "robust_cells": len(robust_cells),

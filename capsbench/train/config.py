@@ -3,6 +3,7 @@ job's key, so that a finished job is reused exactly when nothing that shapes it 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -81,7 +82,13 @@ class TrainConfig:
         get_profile(self.profile)
         from capsbench.models import model_info
 
-        sizes = model_info(self.model).get("input_sizes")
+        info = model_info(self.model)
+        if info.get("requires"):  # an optional dependency: (module, the extra that installs it)
+            module, extra = info["requires"]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"model {self.model!r} needs the {module} package, which is not installed: "
+                                  f"pip install -e '.[{extra}]' (or pip install 'capsbench[{extra}]')")
+        sizes = info.get("input_sizes")
         if sizes and proto.input_size not in sizes:
             raise ConfigError(
                 f"model {self.model!r} takes {' or '.join(f'{n}x{n}' for n in sizes)} inputs, but protocol "

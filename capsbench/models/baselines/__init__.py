@@ -3,4 +3,4 @@
 Each module holds one family; the named variants are small factories at its bottom.
 """
 
-from capsbench.models.baselines import cnn, efficientnet, lenet  # noqa: F401  (import registers the models)
+from capsbench.models.baselines import cnn, efficientnet, lenet, steerable  # noqa: F401  (import registers the models)
