@@ -119,3 +119,14 @@ def test_a_typo_in_an_entry_is_one_line(tmp_path, capsys, data_root):
                "--out", str(tmp_path), "--data-root", str(data_root)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "rotN" in err[0], err
+
+
+def test_the_report_shows_both_trainings_of_one_model(upright_and_rotated, tmp_path):
+    from capsbench.report.build import write_report
+
+    write_report([upright_and_rotated / "rotation-smoke"], tmp_path / "report")
+    board = pd.read_csv(tmp_path / "report" / "leaderboard.csv").set_index("model")
+    assert set(board.index) == {"lenet5", "lenet5@rot180"}
+    assert board.loc["lenet5@rot180", "family"] == "cnn"  # looked up by the model, not the entry
+    assert board.loc["lenet5@rot180", "gflops_per_image"] == board.loc["lenet5", "gflops_per_image"] > 0
+    assert any("rotation" in p.name for p in (tmp_path / "report" / "figures").glob("*.png"))

@@ -60,3 +60,25 @@ def test_without_e2cnn_one_line_names_the_extra(monkeypatch, tmp_path, capsys, d
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "[equivariant]" in err[0], err
     assert not (tmp_path / "jobs").exists()
+
+
+def test_weights_load_whichever_mode_saved_or_loads_them():
+    # e2cnn caches expanded filters as buffers in eval mode; a checkpoint must not depend on it
+    torch.manual_seed(1)
+    a = create_model("steerable_c8")
+    x = torch.rand(4, 1, 28, 28)
+    a.train()
+    a(x)  # moves the batch-norm statistics away from their initial values
+    saved_in_train = a.state_dict()
+    a.eval()
+    saved_in_eval = a.state_dict()
+    assert saved_in_train.keys() == saved_in_eval.keys()
+    with torch.no_grad():
+        want = a(x).scores
+        for sd, eval_first in ((saved_in_train, True), (saved_in_eval, False), (saved_in_train, False)):
+            b = create_model("steerable_c8")
+            if eval_first:
+                b.eval()
+            b.load_state_dict(sd)
+            b.eval()
+            torch.testing.assert_close(b(x).scores, want)

@@ -13,6 +13,7 @@ from capsbench.errors import describe
 from capsbench.report import paper
 from capsbench.report.load import Run
 from capsbench.report.render import Figure
+from capsbench.train.protocols import split_entry
 
 CAPSULE_DECODER_MODELS = ("capsnet", "capsnet_r1", "capsnet_uniform")
 
@@ -72,13 +73,18 @@ def fig_rotation(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
     s = s.assign(signed=_signed_angle(s))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    kinds = set()
-    for model in _model_order(run, s):
+    kinds, colours = set(), {}
+    order = _model_order(run, s)
+    # a model trained on rotations (capsnet@rot180) is dashed, in its upright twin's colour
+    for model in sorted(order, key=lambda m: split_entry(m)[1] is not None):
         sub = s[s["model"] == model].sort_values("signed")
         x = sub["signed"].to_numpy(float)
         lo, hi, kind = _band(sub)
         kinds.add(kind)
-        (line,) = ax.plot(x, sub["mean"].to_numpy(float), marker="o", ms=3, label=model)
+        base, aug = split_entry(model)
+        style = {"ls": "--", "color": colours[base]} if aug and base in colours else {}
+        (line,) = ax.plot(x, sub["mean"].to_numpy(float), marker="o", ms=3, label=model, **style)
+        colours.setdefault(base, line.get_color())
         ok = np.isfinite(lo) & np.isfinite(hi)
         if ok.any():
             ax.fill_between(x[ok], lo[ok], hi[ok], color=line.get_color(), alpha=0.2, lw=0)
@@ -392,7 +398,7 @@ def _find_checkpoint(run: Run, model: str, seed: int) -> Path | None:
             if p.is_file():
                 return p
     if key:
-        for p in sorted((run.path.parent / "jobs").glob(f"{model}-*-s{seed}-{key}/checkpoint.pt")):
+        for p in sorted((run.path.parent / "jobs").glob(f"{split_entry(model)[0]}-*-s{seed}-{key}/checkpoint.pt")):
             return p
     return None
 

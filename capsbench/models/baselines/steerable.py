@@ -91,6 +91,27 @@ class SteerableCNN(Classifier):
         width = self.gpool.out_type.size
         self.head = nn.Sequential(nn.Linear(width, 64), nn.BatchNorm1d(64), nn.ELU(inplace=True),
                                   nn.Linear(64, num_classes))
+        # e2cnn's R2Conv caches its expanded filter as a buffer while in eval mode (and builds in
+        # that state), so its state_dict depends on the mode. The cache is derived from the
+        # weights: it is left out of every state_dict and rebuilt after loading.
+        self._cached = {f"{name}.{attr}" for name, mod in self.named_modules() if isinstance(mod, enn.R2Conv)
+                        for attr in ("filter", "expanded_bias")}
+        self.train()
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in self._cached:
+            sd.pop(prefix + key, None)
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        was_training = self.training
+        self.train()  # drops the cached filters
+        out = super().load_state_dict({k: v for k, v in state_dict.items() if k not in self._cached},
+                                      strict=strict, assign=assign)
+        self.train(was_training)  # eval mode expands the loaded weights again
+        return out
 
     def invariant_features(self, x29: torch.Tensor) -> torch.Tensor:
         """(B, 32) rotation-invariant features of a (B, 1, 29, 29) padded batch."""
