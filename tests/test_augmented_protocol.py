@@ -129,4 +129,7 @@ def test_the_report_shows_both_trainings_of_one_model(upright_and_rotated, tmp_p
     assert set(board.index) == {"lenet5", "lenet5@rot180"}
     assert board.loc["lenet5@rot180", "family"] == "cnn"  # looked up by the model, not the entry
     assert board.loc["lenet5@rot180", "gflops_per_image"] == board.loc["lenet5", "gflops_per_image"] > 0
+    assert board["train_time_s"].notna().all()  # each entry's own jobs (run.json names them by entry)
+    jobs = json.loads((upright_and_rotated / "rotation-smoke" / "run.json").read_text())["jobs"]
+    assert sorted(j["model"] for j in jobs) == ["lenet5", "lenet5", "lenet5@rot180", "lenet5@rot180"]
     assert any("rotation" in p.name for p in (tmp_path / "report" / "figures").glob("*.png"))

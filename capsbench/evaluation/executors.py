@@ -172,7 +172,7 @@ class LocalExecutor:
         _prepare_process(ctx)
         t0 = time.perf_counter()
         for i, spec in enumerate(specs):
-            label = f"[job {i + 1}/{len(specs)}] {spec.cfg.model} s{spec.cfg.seed}"
+            label = f"[job {i + 1}/{len(specs)}] {spec.base.get('model', spec.cfg.model)} s{spec.cfg.seed}"
             spent = time.perf_counter() - t0
             # a rough guide to the time left: the jobs so far, as if every job took as long
             self.log(f"{label}: " + (f"{_duration(spent)} so far, about {_duration(spent / i * (len(specs) - i))} "

@@ -388,8 +388,8 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
         todo = [c.name for c in suite.cells if not set(cell_metrics(suite, c)) <= metrics.get((key, c.name), set())]
         needs = {"params"} if cfg.checkpoint is not None else train_metrics
         if not todo and needs <= metrics.get((key, "train"), set()):
-            log(f"{cfg.model} seed {cfg.seed}: all {len(suite.cells)} cells already evaluated")
-            add_job(key, {"model": cfg.model, "seed": cfg.seed, "job_key": key, "reused": True})
+            log(f"{base['model']} seed {cfg.seed}: all {len(suite.cells)} cells already evaluated")
+            add_job(key, {"model": base["model"], "seed": cfg.seed, "job_key": key, "reused": True})
             continue
         specs.append(JobSpec(cfg, base, todo))  # no cell left: the job's own rows are rewritten
 
@@ -417,6 +417,7 @@ def _run_locked(suite, prof, models, seeds, dev, out, run_dir, splits, data_root
                 add_job(key, {"model": spec.base["model"], "seed": spec.base["seed"], "job_key": key, "error": payload})
                 write_run_json("running")
             elif kind == "trained":
+                payload = {**payload, "model": spec.base["model"]}  # the entry (capsnet@rot180), as in the rows
                 add_job(key, payload)
                 # Job rows first (replacing any from an earlier, interrupted run), then every
                 # cell's rows as soon as the cell is done.
@@ -521,9 +522,10 @@ def _check_same_jobs(run_dir: Path, rows: Sequence[Mapping[str, Any]],
 
 
 def _merged_job(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """run.json's entry of a job: a reused job keeps the entry of the run that trained it."""
+    """run.json's entry of a job: a reused job keeps the entry of the run that trained it, under
+    the name this run gives it (an entry such as ``capsnet@rot180``, not only the model)."""
     if old is not None and new.get("reused") and old.get("job_dir") and not old.get("error"):
-        return old
+        return {**old, "model": new.get("model", old.get("model"))}
     return new
 
 

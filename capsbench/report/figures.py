@@ -95,7 +95,7 @@ def fig_rotation(summary: pd.DataFrame, run: Run, path: Path) -> Path | None:
     ticks = sorted(s["signed"].dropna().unique())
     ax.set_xticks(ticks[::2] if len(ticks) > 13 else ticks)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not on them
     ax.set_title(f"{run.label}: accuracy vs rotation (band: {', '.join(sorted(kinds))})", fontsize=9)
     return _save(fig, path)
 
