@@ -133,3 +133,9 @@ def test_the_report_shows_both_trainings_of_one_model(upright_and_rotated, tmp_p
     jobs = json.loads((upright_and_rotated / "rotation-smoke" / "run.json").read_text())["jobs"]
     assert sorted(j["model"] for j in jobs) == ["lenet5", "lenet5", "lenet5@rot180", "lenet5@rot180"]
     assert any("rotation" in p.name for p in (tmp_path / "report" / "figures").glob("*.png"))
+
+
+def test_list_protocols_names_the_augmentation(capsys):
+    assert main(["list", "protocols"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist28_shift2 " in out and "PROTOCOL+rotN" in out and "MODEL@rotN" in out

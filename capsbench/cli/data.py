@@ -57,6 +57,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         for name in PROTOCOLS:
             print(f"{name:<18} {PROTOCOLS.get(name).description}")
+        print(f"{'PROTOCOL+rotN':<18} the protocol after a random rotation in [-N, N] degrees, N from 1 to 180 "
+              "(in a suite run: --models MODEL@rotN)")
     elif args.what == "suites":
         from capsbench.suites.base import get_suite, list_suites
 
