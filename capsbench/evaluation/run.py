@@ -183,7 +183,7 @@ def run_suite(
              for m, paths in (checkpoints or {}).items()}
     models = list(dict.fromkeys(models or (list(ckpts) if ckpts else suite.default_models)))
     known = list_models()
-    unknown = [m for m in models if ":" not in split_entry(m)[0] and split_entry(m)[0] not in known]
+    unknown = [m for m, base in ((m, split_entry(m)[0]) for m in models) if ":" not in base and base not in known]
     if unknown:
         raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known models: {', '.join(known)} (trained on "
                           "rotated digits: MODEL@rotN, e.g. capsnet@rot180)")

@@ -66,12 +66,10 @@ class _Protocols(Registry):
 
     def get(self, name: str) -> Protocol:
         if name not in self._items:
-            base, plus, aug = str(name).partition("+")
+            base, _, aug = str(name).partition("+")  # base == name (no "+") is registered or fails here
             if base not in self._items:
                 raise ConfigError(f"unknown training protocol {name!r}; known training protocols: {', '.join(self)} "
                                   "(each may take an augmentation, e.g. mnist28_shift2+rot180)")
-            if not plus:  # not reached: base == name is registered
-                return super().get(name)
             degrees = parse_augmentation(aug, f"protocol {name!r}")
             self.add(name, _rotated(super().get(base), name, degrees), augmented=True)
         return super().get(name)
