@@ -103,7 +103,7 @@ def test_claims_about_further_baselines(upright_and_rotated):
     (n,) = evaluate_claim(Claim("y", "s", ("rotation",), "capsnet", "lenet5"), run)
     assert n.verdict == "not evaluated"
     names = {c.name for c in list_claims()}
-    assert {"equivariant CNN", "augmentation", "Efficient-CapsNet"} <= names
+    assert {"equivariant CNN", "augmentation", "Efficient-CapsNet", "EM capsules"} <= names
 
 
 def test_the_equivalence_verdict():

@@ -79,6 +79,11 @@ class PlainClassifier(Classifier):
         own = getattr(self.net, "confidence", None)
         return own(out) if callable(own) else super().confidence(out)
 
+    def set_training_steps(self, total: int) -> None:
+        own = getattr(self.net, "set_training_steps", None)
+        if callable(own):
+            own(total)
+
 
 def as_classifier(model: object, name: str, input_size: int | None = None, source: str | None = None) -> Classifier:
     """Check a model from outside capsbench against the model protocol and return it as a

@@ -133,7 +133,7 @@ register_claim(Claim(
 
 # Claims about further baselines (optional: reported when a run of the rotation suite has both models,
 # e.g. `capsbench run --suite rotation --models capsnet,cnn_maxpool,steerable_c8,cnn_maxpool@rot180,
-# efficient_capsnet --seeds 3`).
+# efficient_capsnet,em_capsnet --seeds 3`).
 register_claim(Claim(
     "equivariant CNN", "CapsNet is more accurate on rotated digits than a CNN built to be rotation-equivariant, "
     "the C8 steerable CNN (both trained upright; pooled over the non-zero angles)", ("rotation",), "capsnet",
@@ -146,6 +146,10 @@ register_claim(Claim(
     "Efficient-CapsNet", "Efficient-CapsNet (self-attention routing) is as robust to rotation as the 2017 "
     "CapsNet: accuracy on rotated digits within 1 point", ("rotation",), "efficient_capsnet", "capsnet",
     "accuracy", cells="rotations", clean_check=False, equivalence=True, optional=True))
+register_claim(Claim(
+    "EM capsules", "matrix capsules with EM routing are as robust to rotation as the 2017 CapsNet: accuracy on "
+    "rotated digits within 1 point", ("rotation",), "em_capsnet", "capsnet", "accuracy", cells="rotations",
+    clean_check=False, equivalence=True, optional=True))
 
 
 def load_claims(path: str | os.PathLike) -> list[Claim]:

@@ -267,6 +267,9 @@ def _train_locked(
     n = images.shape[0]
     split = job_split(train_set.labels.numel(), train_idx, val_idx, cfg.train_limit)
     total_steps, bs = cfg.resolved(n)
+    budget_hook = getattr(model, "set_training_steps", None)
+    if callable(budget_hook):  # a model with a schedule over training (em_capsnet's spread-loss margin)
+        budget_hook(total_steps)
     # With --match-accuracy the profile's budget is an upper bound: training stops the first
     # time validation accuracy reaches the target; a model that never reaches it is recorded as such.
     steps_per_epoch = math.ceil(n / bs)

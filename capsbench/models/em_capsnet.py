@@ -1,0 +1,358 @@
+"""Matrix capsules with EM routing (Hinton, Sabour & Frosst 2018, "Matrix Capsules with EM
+Routing", ICLR; openreview.net/forum?id=HJWLfGWRb): the paper's smallNORB network in its
+smaller configuration (A=64, B=8, C=D=16), adapted to MNIST's 28x28 digits.
+
+    x (B, 1, 28, 28)
+    ReLU Conv1   A=64 kernels 5x5, stride 2, padding 2, ReLU     -> (B, 64, 14, 14)
+    PrimaryCaps  B=8 capsule types, 1x1: a 4x4 pose (16 linear
+                 units) and a logistic activation each          -> 14x14x8 capsules
+    ConvCaps1    C=16 types, K=3, stride 2, EM routing          -> 6x6x16
+    ConvCaps2    D=16 types, K=3, stride 1, EM routing          -> 4x4x16
+    Class caps   10 types, one 4x4 transformation per (type, class) shared over positions, with
+                 coordinate addition, EM routing                -> 10 poses and activations
+
+The class scores are the class capsules' activations (in (0, 1)); the loss is the paper's spread
+loss. The adaptation to 28x28 is the padding of Conv1 only: the paper's 32x32 crops of smallNORB
+give Conv1 a 14x14 map without padding (32 -> 14), and 2 pixels of padding give a 28x28 digit the
+same 14x14 map, so every later layer has the paper's sizes (14 -> 6 -> 4).
+
+EM routing (the paper's Procedure 1), for the votes V_ij of every child capsule i for every parent
+j it connects to, with the children's activations a_i:
+
+* R_ij starts at 1 / (the number of parents of i); then, for each of the iterations,
+* M-step, for each parent j: R_ij <- R_ij a_i; mu_j = sum_i R_ij V_ij / sum_i R_ij;
+  sigma_j^2 = sum_i R_ij (V_ij - mu_j)^2 / sum_i R_ij (per pose entry h);
+  cost_j^h = (beta_u + log sigma_j^h) sum_i R_ij; a_j = logistic(lambda (beta_a - sum_h cost_j^h));
+* E-step, for each child i (skipped after the last M-step, whose R nobody reads):
+  p_ij = N(V_ij; mu_j, sigma_j^2) (diagonal), R_ij = a_j p_ij / sum_k a_k p_ik over *all* parents k
+  of i: in a convolutional capsule layer a child belongs to up to K x K patches, and parents at
+  different positions compete for it (Gritzman 2019, "Avoiding Implementation Pitfalls of Matrix
+  Capsules with EM Routing", arXiv:1907.00652, pitfall 3; many re-implementations normalise within
+  each patch only).
+
+Choices the paper leaves open, and what we do (with their source):
+
+* Routing iterations: 3 (the paper's).
+* Inverse temperature lambda: the paper gives no schedule; here lambda = 0.01 (1 - 0.95^t) at
+  iteration t = 1..3, rising towards 0.01, as in Gritzman's implementation (github.com/IBM/
+  matrix-capsules-with-em-routing, its ``final_lambda`` of 0.01).
+* beta_u and beta_a: learned, one pair per parent capsule type of each layer.
+* The scale of sum_i R_ij in the cost: divided by the number of children of the parent's patch
+  (K x K x input types), so that a parent's cost does not grow with its fan-in (Gritzman's
+  pitfall 2); sigma^2 gets 1e-4 added, so that a parent with a single child (pitfall 1) has a
+  finite log.
+* Coordinate addition: the class layer adds the centre of each child's position on the 4x4 grid,
+  (row + 0.5) / 4 and (column + 0.5) / 4, to the first two entries of the right-hand column of its
+  votes (entries 3 and 7 of the row-major 4x4 pose).
+* Spread loss, L = sum_{i != t} max(0, m - (a_t - a_i))^2, averaged over the batch, with the margin
+  m rising linearly from 0.2 to 0.9 over the first half of the training budget (the paper: "start
+  with a small margin of 0.2 and linearly increase it during training to 0.9"; the trainer tells
+  the model its budget through ``set_training_steps``).
+* Initialisation: the transformation matrices normal with standard deviation 0.5 (so that a vote
+  starts at the scale of a pose), beta_u and beta_a zero; the convolutions PyTorch's default.
+* No reconstruction decoder (the paper has none).
+
+Parameters: 68,444 at 10 classes: Conv1 1,664; PrimaryCaps 8,840; ConvCaps1 9 x 8 x 16 x 16 =
+18,432 + 32 betas; ConvCaps2 9 x 16 x 16 x 16 = 36,864 + 32; class capsules 16 x 10 x 16 = 2,560 +
+20 (the paper's "68K" for its smaller smallNORB network, tests/test_em_capsnet.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from capsbench.errors import ConfigError
+from capsbench.models.base import Classifier, ModelOutput, mark
+from capsbench.models.registry import register_model
+
+VAR_EPS = 1e-4
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def patch_index(h: int, w: int, k: int, stride: int) -> torch.Tensor:
+    """(L, k*k) flat input positions of each k x k patch of an h x w grid, patches row-major."""
+    ho, wo = (h - k) // stride + 1, (w - k) // stride + 1
+    oy = torch.arange(ho).repeat_interleave(wo) * stride  # (L,)
+    ox = torch.arange(wo).repeat(ho) * stride
+    dy = torch.arange(k).repeat_interleave(k)  # (k*k,)
+    dx = torch.arange(k).repeat(k)
+    return (oy[:, None] + dy[None, :]) * w + (ox[:, None] + dx[None, :])
+
+
+def inverse_temperatures(iters: int, final: float = 0.01) -> list[float]:
+    """lambda at each routing iteration: final * (1 - 0.95^t), t = 1..iters."""
+    return [final * (1.0 - 0.95 ** t) for t in range(1, iters + 1)]
+
+
+class _Outer:
+    """The gradient of the stacked votes, kept as a list of outer products (a, b): every use of
+    the votes in routing is a product with a vector, so its gradient is a (.., 2H) x b (.., N)."""
+
+    def __init__(self) -> None:
+        self.terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+class _VotesSource(torch.autograd.Function):
+    """Identity on the stacked votes; its backward adds up the outer products that the products
+    below recorded, in one matrix product (instead of one votes-sized gradient per use)."""
+
+    @staticmethod
+    def forward(ctx, vv: torch.Tensor, outer: _Outer) -> torch.Tensor:
+        ctx.outer = outer
+        ctx.set_materialize_grads(False)  # its own gradient is None: the products keep theirs
+        return vv.view_as(vv)
+
+    @staticmethod
+    def backward(ctx, _grad: torch.Tensor):
+        terms, shape = ctx.outer.terms, ctx.outer.shape
+        ctx.outer.terms = []
+        if not terms:
+            return None, None
+        a = torch.stack([t[0].expand(shape[:-1]) for t in terms], dim=-1)  # (..., 2H, K)
+        b = torch.stack([t[1].expand(shape[:-2] + shape[-1:]) for t in terms], dim=-2)  # (..., K, N)
+        return a @ b, None
+
+
+class _VotesTimesVector(torch.autograd.Function):
+    """(vv @ w[..., None])[..., 0] for vv (..., 2H, N) and w (..., N) (broadcast over parents)."""
+
+    @staticmethod
+    def forward(ctx, vv: torch.Tensor, w: torch.Tensor, outer: _Outer) -> torch.Tensor:
+        ctx.save_for_backward(vv, w)
+        ctx.outer = outer
+        return (vv @ w.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        vv, w = ctx.saved_tensors
+        ctx.outer.terms.append((g, w))
+        gw = (g.unsqueeze(-2) @ vv).squeeze(-2)
+        return None, gw.sum_to_size(w.shape), None
+
+
+class _VectorTimesVotes(torch.autograd.Function):
+    """(u[..., None, :] @ vv)[..., 0, :] for u (..., 2H) and vv (..., 2H, N)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, vv: torch.Tensor, outer: _Outer) -> torch.Tensor:
+        ctx.save_for_backward(u, vv)
+        ctx.outer = outer
+        return (u.unsqueeze(-2) @ vv).squeeze(-2)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        u, vv = ctx.saved_tensors
+        ctx.outer.terms.append((u, g))
+        return (vv @ g.unsqueeze(-1)).squeeze(-1), None, None
+
+
+def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tensor, beta_a: torch.Tensor,
+               index: torch.Tensor, n_positions: int, n_types: int, iters: int = 3,
+               lambdas: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """EM routing of a capsule layer whose parents sit at L positions.
+
+    Args:
+        votes: (B, L, J, 16, N): the vote of child n = p * n_types + c (patch slot p, type c) for
+            parent type j at position l.
+        a_in: (B, L, N): the children's activations, as seen from each patch.
+        beta_u, beta_a: (J,) per parent type.
+        index: (L, P) long: the input position of each patch slot, in [0, n_positions); a child is
+            (position, type), and its R sums to one over every (l, j) whose patch holds it.
+        n_positions: the number of input positions; n_types: the number of child types.
+        iters: routing iterations.
+        lambdas: the inverse temperature at each iteration (default :func:`inverse_temperatures`).
+
+    Returns:
+        poses (B, L, J, 16) and activations (B, L, J) of the parents.
+
+    Every sum over children or pose entries is a product of a vector with the votes stacked on
+    their squares, so no iteration writes a tensor of the votes' size: the variance is
+    E[V^2] - mu^2, and the Gaussian's exponent sum_h (V - mu)^2 / sigma^2 is expanded the same
+    way. The votes' gradient is gathered from those products in one matrix product at the end
+    (_VotesSource); the function can be differentiated once (no double backward).
+    """
+    B, L, J, H, N = votes.shape
+    lambdas = lambdas if lambdas is not None else inverse_temperatures(iters)
+    flat = index.reshape(-1).to(votes.device)
+    # R starts at 1 / (number of parents of the child): J types at every position whose patch holds it
+    count = torch.zeros(n_positions, dtype=votes.dtype, device=votes.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=votes.dtype))
+    R = (1.0 / (J * count[index])).repeat_interleave(n_types, dim=1).view(1, L, 1, N)
+    # the amount of data a parent gets, rescaled as in Gritzman's implementation: 100 at a
+    # parent that gets an even share of fully active children (N children for J parent types)
+    scale = 100.0 * J / N
+    stacked = torch.cat([votes, votes.square()], dim=3)  # (B, L, J, 2H, N)
+    outer = _Outer()
+    if torch.is_grad_enabled() and stacked.requires_grad:
+        outer.shape = stacked.shape
+        stacked = _VotesSource.apply(stacked, outer)
+    a_child = a_in.unsqueeze(2)  # (B, L, 1, N)
+    for t in range(iters):
+        # M-step
+        Ra = R * a_child  # (B, L, J, N)
+        r_sum = Ra.sum(dim=-1)  # (B, L, J)
+        moments = _VotesTimesVector.apply(stacked, Ra / (r_sum.unsqueeze(-1) + 1e-12), outer)
+        mu = moments[..., :H]  # (B, L, J, H)
+        var = (moments[..., H:] - mu.square()).clamp_min(0.0) + VAR_EPS
+        log_sigma = 0.5 * var.log()
+        cost = ((beta_u.view(1, 1, J, 1) + log_sigma) * (scale * r_sum).unsqueeze(-1)).sum(-1)
+        a_out = torch.sigmoid(lambdas[t] * (beta_a.view(1, 1, J) - cost))  # (B, L, J)
+        if t == iters - 1:
+            break
+        # E-step: log(a_j p_ij), normalised over every parent (l, j) of each child;
+        # sum_h (V - mu)^2 / sigma^2 = sum_h (V^2 - 2 mu V) / sigma^2 + sum_h mu^2 / sigma^2
+        inv = var.reciprocal()
+        quad = _VectorTimesVotes.apply(torch.cat([-2.0 * mu * inv, inv], dim=-1), stacked, outer) + (
+            mu.square() * inv).sum(-1, keepdim=True)  # (B, L, J, N)
+        log_ap = (a_out.clamp_min(1e-30).log() - log_sigma.sum(-1) - 0.5 * H * LOG_2PI).unsqueeze(-1) - 0.5 * quad
+        R = _normalise_over_parents(log_ap.view(B, L, J, -1, n_types), index, flat, n_positions).view(B, L, J, N)
+    return mu, a_out
+
+
+def _normalise_over_parents(log_ap: torch.Tensor, index: torch.Tensor, flat: torch.Tensor,
+                            n_positions: int) -> torch.Tensor:
+    """exp(log_ap) / (its sum over every parent of the child), computed stably: each child's
+    largest log_ap over its parents is subtracted first. log_ap: (B, L, J, P, C)."""
+    B, L, J, P, C = log_ap.shape
+    with torch.no_grad():
+        peak = log_ap.amax(dim=2).reshape(B, L * P, C)
+        child_peak = torch.full((B, n_positions, C), -torch.inf, dtype=log_ap.dtype, device=log_ap.device)
+        child_peak.scatter_reduce_(1, flat.view(1, -1, 1).expand(B, -1, C), peak, "amax")
+        shift = child_peak[:, index]  # (B, L, P, C)
+    e = torch.exp(log_ap - shift.unsqueeze(2))
+    total = torch.zeros(B, n_positions, C, dtype=e.dtype, device=e.device).index_add(
+        1, flat, e.sum(2).reshape(B, L * P, C))
+    return e / total[:, index].unsqueeze(2)
+
+
+class ConvCaps(nn.Module):
+    """A convolutional capsule layer: K x K patches of ``cin`` capsule types vote, through one 4x4
+    matrix per (patch slot, input type, output type), for ``cout`` types at each output position."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, iters: int) -> None:
+        super().__init__()
+        self.cin, self.cout, self.k, self.stride, self.iters = cin, cout, k, stride, iters
+        self.W = nn.Parameter(torch.randn(k * k, cin, cout, 4, 4) * 0.5)
+        self.beta_u = nn.Parameter(torch.zeros(cout))
+        self.beta_a = nn.Parameter(torch.zeros(cout))
+        self._index: dict[tuple[int, int], torch.Tensor] = {}
+
+    def forward(self, pose: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pose (B, H, W, cin, 16), a (B, H, W, cin) -> (B, Ho, Wo, cout, 16), (B, Ho, Wo, cout)."""
+        B, h, w = pose.shape[:3]
+        index = self._index.get((h, w))
+        if index is None:
+            index = self._index[(h, w)] = patch_index(h, w, self.k, self.stride).to(pose.device)
+        ho, wo = (h - self.k) // self.stride + 1, (w - self.k) // self.stride + 1
+        p = pose.reshape(B, h * w, self.cin, 4, 4)[:, index]  # (B, L, P, cin, 4, 4)
+        votes = torch.einsum("blpcxy,pcjyz->bljxzpc", p, self.W).reshape(B, ho * wo, self.cout, 16, -1)
+        mu, a_out = em_routing(votes, a.reshape(B, h * w, self.cin)[:, index].flatten(2), self.beta_u,
+                               self.beta_a, index, h * w, self.cin, self.iters)
+        return mu.view(B, ho, wo, self.cout, 16), a_out.view(B, ho, wo, self.cout)
+
+
+class ClassCaps(nn.Module):
+    """Class capsules: every child (position, type) votes for every class through one 4x4 matrix
+    per (type, class) shared over positions, plus its position (coordinate addition)."""
+
+    def __init__(self, cin: int, classes: int, iters: int) -> None:
+        super().__init__()
+        self.cin, self.classes, self.iters = cin, classes, iters
+        self.W = nn.Parameter(torch.randn(cin, classes, 4, 4) * 0.5)
+        self.beta_u = nn.Parameter(torch.zeros(classes))
+        self.beta_a = nn.Parameter(torch.zeros(classes))
+
+    def forward(self, pose: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pose (B, H, W, cin, 16), a (B, H, W, cin) -> (B, classes, 16), (B, classes)."""
+        B, h, w = pose.shape[:3]
+        votes = torch.einsum("bpcxy,cjyz->bjxzpc", pose.reshape(B, h * w, self.cin, 4, 4), self.W)
+        votes = (votes.flatten(2, 3) + coordinate_offsets(h, w, votes.dtype, votes.device)).flatten(-2)
+        index = torch.arange(h * w, device=pose.device).view(1, -1)
+        mu, a_out = em_routing(votes.unsqueeze(1), a.reshape(B, 1, h * w * self.cin), self.beta_u, self.beta_a,
+                               index, h * w, self.cin, self.iters)
+        return mu[:, 0], a_out[:, 0]
+
+
+def coordinate_offsets(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(16, h*w, 1): the scaled centre (row, column) of each position, in vote entries 3 and 7
+    (the first two entries of the right-hand column of a row-major 4x4 pose)."""
+    off = torch.zeros(16, h * w, 1, dtype=dtype, device=device)
+    off[3, :, 0] = (torch.arange(h, dtype=dtype, device=device).repeat_interleave(w) + 0.5) / h
+    off[7, :, 0] = (torch.arange(w, dtype=dtype, device=device).repeat(h) + 0.5) / w
+    return off
+
+
+class EMCapsNet(Classifier):
+    """Matrix capsules with EM routing for 28x28 single-channel digits (see the module docstring).
+
+    Args:
+        num_classes: class capsules (10).
+        input_size: must be 28.
+        in_chans: input channels (1).
+        A, B, C, D: Conv1 channels and the capsule types of PrimaryCaps, ConvCaps1 and ConvCaps2
+            (the paper's smaller network: 64, 8, 16, 16; its larger one: 32 each).
+        routing_iters: EM iterations in every capsule layer (3).
+    """
+
+    family = "capsule"
+
+    def __init__(self, num_classes: int = 10, input_size: int = 28, in_chans: int = 1, A: int = 64, B: int = 8,
+                 C: int = 16, D: int = 16, routing_iters: int = 3) -> None:
+        super().__init__(num_classes=num_classes, input_size=input_size)
+        if input_size != 28:
+            raise ConfigError(f"em_capsnet takes 28x28 inputs only (its layers keep the paper's 14 -> 6 -> 4 "
+                             f"capsule grids), got {input_size}x{input_size}; use capsnet for this suite")
+        self.B_types = B
+        self.conv1 = nn.Conv2d(in_chans, A, 5, stride=2, padding=2)
+        self.primary_pose = nn.Conv2d(A, B * 16, 1)
+        self.primary_act = nn.Conv2d(A, B, 1)
+        self.conv_caps1 = ConvCaps(B, C, 3, 2, routing_iters)
+        self.conv_caps2 = ConvCaps(C, D, 3, 1, routing_iters)
+        self.class_caps = ClassCaps(D, num_classes, routing_iters)
+        self.margin_low, self.margin_high = 0.2, 0.9
+        self.register_buffer("margin_ramp", torch.tensor(1.0))  # steps over which the margin rises
+        self.register_buffer("steps_seen", torch.tensor(0.0))
+
+    def set_training_steps(self, total: int) -> None:
+        """The trainer's budget: the margin reaches 0.9 halfway through it."""
+        self.margin_ramp.fill_(max(1.0, total / 2))
+
+    def primary_capsules(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = mark(torch.relu(self.conv1(x)), "conv")
+        Bn, _, hh, ww = h.shape
+        pose = self.primary_pose(h).view(Bn, self.B_types, 16, hh, ww).permute(0, 3, 4, 1, 2)
+        a = torch.sigmoid(self.primary_act(h)).permute(0, 2, 3, 1)
+        return mark(pose, "primary_caps"), a
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
+        pose, a = self.primary_capsules(x)
+        pose, a = self.conv_caps1(pose, a)
+        pose, a = self.conv_caps2(pose, a)
+        pose, a = self.class_caps(pose, a)
+        return ModelOutput(scores=mark(a, "routing"), poses=pose)
+
+    def margin(self) -> torch.Tensor:
+        frac = (self.steps_seen / self.margin_ramp).clamp(0.0, 1.0)
+        return self.margin_low + (self.margin_high - self.margin_low) * frac
+
+    def loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Spread loss; each call while training counts one step of the margin's schedule."""
+        a = out.scores.float()
+        target = a.gather(1, y.view(-1, 1))
+        spread = torch.relu(self.margin() - (target - a)).square()
+        spread = spread.scatter(1, y.view(-1, 1), 0.0)
+        if self.training and torch.is_grad_enabled():
+            self.steps_seen.add_(1.0)
+        return spread.sum(dim=1).mean()
+
+    def confidence(self, out: ModelOutput) -> torch.Tensor:
+        return out.scores.float().clamp(0.0, 1.0)
+
+
+@register_model("em_capsnet", family="capsule", paper="Hinton et al. 2018", input_sizes=(28,))
+def em_capsnet(**kw) -> EMCapsNet:
+    """Matrix capsules with EM routing, the paper's smaller smallNORB network (A=64, B=8, C=D=16)."""
+    return EMCapsNet(**kw)
