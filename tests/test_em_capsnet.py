@@ -119,11 +119,12 @@ def test_conv_caps_is_the_literal_procedure_with_parents_competing_across_positi
     pose = torch.randn(2, size, size, 2, 16, dtype=torch.float64)
     act = torch.rand(2, size, size, 2, dtype=torch.float64)
     mu, a = layer(pose, act)
-    assert 0.05 < float(a.min()) and float(a.max()) < 0.95  # the activations are not saturated
+    assert 0.05 < a.min().item() and a.max().item() < 0.95  # the activations are not saturated
     for b in range(2):
         mu_ref, a_ref = _literal_conv_caps(layer, pose[b], act[b])
-        torch.testing.assert_close(mu[b], mu_ref, rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(a[b], a_ref, rtol=1e-9, atol=1e-10)
+        # (E[V^2] - mu^2 for the variance costs some digits against the literal sum of squares)
+        torch.testing.assert_close(mu[b], mu_ref, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(a[b], a_ref, rtol=1e-7, atol=1e-9)
 
 
 def test_the_model_and_its_gradients_are_the_literal_procedure():
@@ -135,9 +136,9 @@ def test_the_model_and_its_gradients_are_the_literal_procedure():
     p, a = _literal_conv_caps(m.conv_caps1, pose[0], act[0])
     p, a = _literal_conv_caps(m.conv_caps2, p, a)
     mu_ref, a_ref = _literal_class_caps(m.class_caps, p, a)
-    torch.testing.assert_close(out.poses[0], mu_ref, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(out.scores[0], a_ref, rtol=1e-8, atol=1e-10)
-    # gradients: the votes' gradient is gathered by hand (em_capsnet._VotesSource); autograd
+    torch.testing.assert_close(out.poses[0], mu_ref, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(out.scores[0], a_ref, rtol=1e-7, atol=1e-9)
+    # gradients: the votes' gradient is gathered by hand (em_capsnet._StackedVotes); autograd
     # through the literal loops is the reference
     weights = torch.randn(10, 16, dtype=torch.float64)
     names = [n for n, _ in m.named_parameters()]
