@@ -65,6 +65,22 @@ def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(tmp_path, da
     assert len(_jobs(tmp_path)) == 1
 
 
+def test_a_budget_for_another_model_does_not_refuse_the_folder(tmp_path, data_root):
+    """A model new in the registry gets a budget and a rate; the folder's models keep theirs."""
+    run_dir = _run(tmp_path, data_root)
+    path = run_dir / "run.json"
+    meta = json.loads(path.read_text())
+    meta["profile"]["steps"] = {"*": 12, "other_model": 5}
+    meta["profile"]["lr_per_model"] = {"other_model": 0.5}
+    path.write_text(json.dumps(meta))
+    _run(tmp_path, data_root)  # accepted: lenet5 trains 12 steps at the profile's rate, then and now
+    meta = json.loads(path.read_text())
+    meta["profile"]["steps"] = {"*": 12, "lenet5": 7}
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"profile steps of lenet5: 7 there, 12 now"):
+        _run(tmp_path, data_root)
+
+
 def test_a_folder_whose_jobs_have_other_keys_is_refused_even_without_run_json(tmp_path, data_root):
     """A changed profile or model code gives new job keys; without run.json the rows show it."""
     run_dir = _run(tmp_path, data_root)

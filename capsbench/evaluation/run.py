@@ -448,6 +448,7 @@ def failures(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 # Settings recorded in run.json that change what a run's jobs compute (their job keys, or
 # the images each cell is evaluated on): a folder holds one value of each.
 PROFILE_SETTINGS = ("steps", "epochs", "batch_size", "protocol_scale", "lr_schedule", "lr", "lr_per_model")
+PER_MODEL_SETTINGS = ("steps", "lr_per_model")  # {model or "*": value}
 
 
 def _read_run_json(run_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -495,9 +496,19 @@ def _check_same_settings(run_dir: Path, previous: Mapping[str, Any], suite: Suit
         then["training data"] = f"{old_suite['dataset']}:{old_suite['protocol']}"
         now["training data"] = f"{suite.dataset}:{suite.protocol}"
     old_prof, new_prof = previous.get("profile") or {}, json.loads(json.dumps(asdict(prof)))
+    old_models = sorted({split_entry(m)[0] for m in previous.get("models") or []})
     for f in PROFILE_SETTINGS:
-        if f in old_prof:
-            then[f"profile {f}"], now[f"profile {f}"] = old_prof[f], new_prof.get(f)
+        if f not in old_prof:
+            continue
+        old_v, new_v = old_prof[f], new_prof.get(f)
+        if f in PER_MODEL_SETTINGS and old_models and isinstance(old_v, dict) and isinstance(new_v, dict):
+            # a budget or rate given to another model (one new in the registry) changes none of
+            # the folder's results: compare the models the folder has
+            for m in old_models:
+                then[f"profile {f} of {m}"], now[f"profile {f} of {m}"] = (old_v.get(m, old_v.get("*")),
+                                                                         new_v.get(m, new_v.get("*")))
+        else:
+            then[f"profile {f}"], now[f"profile {f}"] = old_v, new_v
     if isinstance(previous.get("lr"), dict):  # per model, for the models both runs train
         for m in (m for m in models if m in (previous.get("models") or [])):
             then[f"lr of {m}"], now[f"lr of {m}"] = previous["lr"].get(m), lrs.get(m)
