@@ -63,7 +63,7 @@ Choices the paper leaves open, and what we do (with their source):
   each layer are active": on MNIST digits (64 training images, seed 0) a standard deviation of 2
   gives mean activations 0.72, 0.62 and 0.54 in ConvCaps1, ConvCaps2 and the class capsules, where
   0.5 gave 0.83, 0.76 and 0.98 (every class capsule saturated, and at lambda near 0.001 the spread
-  loss could not move beta_a: 300 steps at 1e-3 stayed at chance).
+  loss could not move beta_a: with 3 iterations, 300 steps at 1e-3 stayed at chance).
 * No reconstruction decoder (the paper has none).
 
 Parameters: 68,444 at 10 classes: Conv1 1,664; PrimaryCaps 8,840; ConvCaps1 9 x 8 x 16 x 16 =
