@@ -16,6 +16,12 @@ def test_list_models_prints_parameter_counts(capsys):
     assert main(["list", "models"]) == 0
     out = capsys.readouterr().out
     assert "8,215,568" in out and "61,706" in out and "35,445,522" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()}
+    # the papers' counts without the reconstruction decoder: Sabour et al. 2017 Table 1's 6.8M,
+    # Mazzia et al. 2021's 161K; a model without a decoder shows its total twice
+    assert rows["capsnet"][2:4] == ["8,215,568", "6,804,224"]
+    assert rows["efficient_capsnet"][2:4] == ["1,573,168", "161,824"]
+    assert rows["cnn_maxpool"][2] == rows["cnn_maxpool"][3] == "7,495,946"
     for name in ("capsnet", "capsnet_r1", "capsnet_norecon", "capsnet_uniform", "lenet5",
                  "cnn_maxpool", "cnn_sabour", "cnn_strided", "efficientnet_b0"):
         assert name in out

@@ -46,3 +46,20 @@ def test_the_readme_leads_with_the_two_commands_and_the_answer():
     assert len(commands) == 2 and "capsbench run --suite rotation" in commands[0] and "pytest" in commands[1]
     head = "\n".join(lines[:40])
     assert "## What it found" in head and "## How to start" in head
+
+
+def test_the_readme_model_table_matches_the_registry():
+    """Every registered model has a row, and its two parameter counts are the models' own."""
+    from capsbench.models import count_parameters, create_model, list_models
+
+    rows = {}
+    for line in (REPO / "README.md").read_text().split("### Models", 1)[1].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (int(cells[2].replace(",", "")), int(cells[3].replace(",", "")))
+        elif rows and not line.startswith("|"):
+            break
+    assert set(rows) == set(list_models())
+    for name, (total, without) in rows.items():
+        m = create_model(name, input_size=28)
+        assert (count_parameters(m), count_parameters(m, decoder=False)) == (total, without), name

@@ -30,6 +30,12 @@ def test_parameter_counts_at_28(name, count):
     assert count_parameters(create_model(name, input_size=28)) == count
 
 
+def test_parameter_counts_without_the_decoder():
+    assert count_parameters(create_model("capsnet"), decoder=False) == EXPECTED_PARAMS_28["capsnet_norecon"]
+    assert count_parameters(create_model("efficient_capsnet"), decoder=False) == 161_824
+    assert count_parameters(create_model("lenet5"), decoder=False) == EXPECTED_PARAMS_28["lenet5"]
+
+
 def test_efficientnet_is_timm_b0_with_one_channel():
     m = create_model("efficientnet_b0")
     assert m.net.conv_stem.in_channels == 1

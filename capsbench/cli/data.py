@@ -13,22 +13,25 @@ def cmd_list(args: argparse.Namespace) -> int:
         from capsbench.errors import CapsbenchError
         from capsbench.models import count_parameters, create_model, list_models, model_info
 
-        def params(name: str, size: int) -> tuple[str, str | None]:
+        def params(name: str, size: int) -> tuple[list[str], str | None]:
             try:
-                return f"{count_parameters(create_model(name, input_size=size)):,}", None
+                m = create_model(name, input_size=size)
             except CapsbenchError as e:  # a plug-in that is broken, or takes one input size only
-                return "-", str(e)
+                return ["-", "-"], str(e)
+            return [f"{count_parameters(m):,}", f"{count_parameters(m, decoder=False):,}"], None
 
-        print(f"{'name':<18} {'family':<8} {'params@28':>12} {'params@40':>12}  source")
+        print(f"{'name':<18} {'family':<8} {'params@28':>12} {'no decoder':>12} {'params@40':>12}  source")
         broken = []
         for name in list_models():
             meta = model_info(name)
-            (p28, why), (p40, _) = params(name, 28), params(name, 40)
+            ((p28, n28), why), ((p40, _), _) = params(name, 28), params(name, 40)
             if why is not None and p40 == "-":
                 broken.append(why)
             family = meta.get("family") or ("plug-in" if meta.get("source") else "?")
             source = meta.get("paper") or (f"{meta['source']} ({meta.get('plugin')})" if meta.get("source") else "")
-            print(f"{name:<18} {family:<8} {p28:>12} {p40:>12}  {source}")
+            print(f"{name:<18} {family:<8} {p28:>12} {n28:>12} {p40:>12}  {source}")
+        print("params: all of the model's parameters; no decoder: those at 28x28 less the reconstruction "
+              "decoder's, as the capsule papers count them")
         for line in broken:
             print(f"capsbench: warning: {line}")
     elif args.what == "profiles":

@@ -138,8 +138,19 @@ def env_choice(var: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: nn.Module, decoder: bool = True) -> int:
+    """The model's parameters; with ``decoder=False`` less those of its reconstruction decoder
+    (a submodule named ``decoder``, on the model or on a wrapped plug-in's ``net``), which is
+    how the capsule papers count (Sabour et al. 2017, Table 1: 8.2M, 6.8M without it; Mazzia
+    et al. 2021: 161K)."""
+    total = sum(p.numel() for p in model.parameters())
+    if not decoder:
+        for owner in (model, getattr(model, "net", None)):
+            sub = getattr(owner, "decoder", None)
+            if isinstance(sub, nn.Module):
+                total -= sum(p.numel() for p in sub.parameters())
+                break
+    return total
 
 
 # --------------------------------------------------------------------------- stage marks
