@@ -12,6 +12,7 @@ import torch
 
 from capsbench import ConfigError, create_model
 from capsbench.cli.main import main
+from capsbench.models import em_capsnet
 from capsbench.models.em_capsnet import VAR_EPS, ConvCaps, inverse_temperatures
 
 
@@ -147,6 +148,32 @@ def test_the_model_and_its_gradients_are_the_literal_procedure():
     for name, x1, x2 in zip(names, g, g_ref, strict=True):
         torch.testing.assert_close(x1, x2, rtol=1e-7, atol=1e-9, msg=name)
         assert x1.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("piece_floats", [1, 1 << 30])  # one image a piece; the whole batch in one
+def test_conv_votes_made_in_pieces_are_the_plain_product_and_its_gradient(piece_floats, monkeypatch):
+    """_ConvVotes writes the votes and their squares piece by piece and turns the gathered
+    gradient back piece by piece: the same values and gradients as autograd through one einsum."""
+    monkeypatch.setattr(em_capsnet, "_PIECE_FLOATS", piece_floats)
+    torch.manual_seed(0)
+    layer = ConvCaps(3, 4, 3, 2, iters=2).double()
+    pose = torch.randn(3, 7, 7, 3, 16, dtype=torch.float64, requires_grad=True)
+    act = torch.rand(3, 7, 7, 3, dtype=torch.float64)
+    index = em_capsnet.patch_index(7, 7, 3, 2)
+    p = pose.reshape(3, 49, 3, 4, 4)[:, index]
+    outer = em_capsnet._Outer()
+    stacked = em_capsnet._ConvVotes.apply(p, layer.W, outer)
+    votes = torch.einsum("blpcxy,pcjyz->bljxzpc", p, layer.W).reshape(3, 9, 4, 16, 27)
+    torch.testing.assert_close(stacked, torch.cat([votes, votes.square()], dim=-2), rtol=1e-12, atol=1e-12)
+    args = (act.reshape(3, 49, 3)[:, index].flatten(2), layer.beta_u, layer.beta_a, index, 49, 3, 2, None)
+    mu, a = em_capsnet._route_stacked(stacked, outer, *args)
+    mu_ref, a_ref = em_capsnet.em_routing(votes, *args[:-2], iters=2)
+    weights = torch.randn_like(mu)
+    params = [pose, layer.W, layer.beta_u, layer.beta_a]
+    g = torch.autograd.grad((mu * weights).sum() + 100 * a.sum(), params, retain_graph=True)
+    g_ref = torch.autograd.grad((mu_ref * weights).sum() + 100 * a_ref.sum(), params)
+    for x1, x2, name in zip(g, g_ref, ("pose", "W", "beta_u", "beta_a"), strict=True):
+        torch.testing.assert_close(x1, x2, rtol=1e-9, atol=1e-11, msg=name)
 
 
 def test_spread_loss_and_its_margin_rising_from_0_2_to_0_9_over_half_the_budget():

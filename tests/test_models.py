@@ -205,3 +205,34 @@ def test_every_model_forward_backward(name, size):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     conf = m.confidence(out)
     assert conf.shape == (2, 10) and (conf >= 0).all() and (conf <= 1).all()
+
+
+class _RecordsBatches(torch.nn.Module):
+    """A plug-in CNN that scores in batches of at most 3 and records the batches it is given
+    (and that it is given them in inference mode: no autograd graph kept while scoring)."""
+
+    inference_batch = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(28 * 28, 10)
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen.append(x.shape[0] if torch.is_inference_mode_enabled() else -1)
+        return self.fc(x.flatten(1))
+
+
+def test_predict_scores_in_batches_no_larger_than_the_models_inference_batch():
+    from capsbench.models.base import PlainClassifier
+    from capsbench.train.device import predict
+
+    net = _RecordsBatches()
+    x = torch.rand(10, 1, 28, 28)
+    scores, _ = predict(PlainClassifier(net), x)  # default batch 500
+    assert net.seen == [3, 3, 3, 1]
+    torch.testing.assert_close(scores, net.fc(x.flatten(1)).detach())
+    net.seen.clear()
+    predict(PlainClassifier(net), x, batch_size=2)  # a smaller batch asked for stays
+    assert net.seen == [2] * 5
+    assert create_model("em_capsnet").inference_batch == 64

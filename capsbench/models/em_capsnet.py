@@ -127,15 +127,92 @@ class _StackedVotes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad: torch.Tensor):
         (votes,) = ctx.saved_tensors
+        return _votes_grad(ctx.outer, votes), None
+
+
+def _votes_grad(outer: _Outer, votes: torch.Tensor) -> torch.Tensor | None:
+    """The votes' (..., H, N) gradient from the outer products that the routing's products
+    recorded on the stacked votes (None when nothing was recorded)."""
+    terms = outer.terms
+    outer.terms = []
+    return _gather(terms, votes) if terms else None
+
+
+def _gather(terms: list[tuple[torch.Tensor, torch.Tensor]], votes: torch.Tensor,
+            rows: slice = slice(None)) -> torch.Tensor:
+    """sum_k a_k b_k over the recorded outer products, for the images ``rows`` of the batch
+    (``votes`` is those images' votes, (b, ..., H, N)): the part for V and 2 V times the part for V^2."""
+    shape = votes.shape[:-2] + (2 * votes.shape[-2], votes.shape[-1])
+
+    def piece(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        if t.dim() == len(size) and t.shape[0] != 1:  # one row per image (else broadcast over them)
+            t = t[rows]
+        return t.expand(size)
+
+    a = torch.stack([piece(t[0], shape[:-1]) for t in terms], dim=-1)  # (..., 2H, K)
+    b = torch.stack([piece(t[1], shape[:-2] + shape[-1:]) for t in terms], dim=-2)  # (..., K, N)
+    h = votes.shape[-2]
+    return (a[..., :h, :] @ b).addcmul_(votes, a[..., h:, :] @ b, value=2.0)
+
+
+# stacked votes per piece, about 8 MB: one image of either ConvCaps layer (5.3 and 4.7 MB); 4 or 16
+# images a piece were no faster (2-core AMD EPYC, 2026-12-07)
+_PIECE_FLOATS = 1 << 21
+
+
+class _ConvVotes(torch.autograd.Function):
+    """A convolutional capsule layer's votes, stacked on their squares as :class:`_StackedVotes`
+    does, (B, L, J, 32, N) from the patches' poses p (B, L, P, C, 4, 4) and the transformations
+    W (P, C, J, 4, 4), with N = P * C children in patch-slot-major order. The votes are the batched
+    product A (N, b L 4, 4) @ W (N, 4, J 4), made a few images at a time and written straight into
+    the stacked tensor, their squares taken while that piece is still in cache; the backward
+    gathers the votes' gradient and turns it back into the product's layout piece by piece too.
+    No votes-sized tensor besides the stacked one is made: the einsum's layout change, the
+    squares and the concatenation were three passes over all of them (docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, W: torch.Tensor, outer: _Outer) -> torch.Tensor:
+        B, L, P, C = p.shape[:4]
+        J, N = W.shape[2], P * C
+        out = p.new_empty(B, L, J, 32, N)
+        Wm = W.permute(0, 1, 3, 2, 4).reshape(N, 4, J * 4)
+        for rows in _pieces(B, L * J * 32 * N):
+            b = rows.stop - rows.start
+            A = p[rows].permute(2, 3, 0, 1, 4, 5).reshape(N, b * L * 4, 4)
+            votes = out[rows, :, :, :16]  # (b, L, J, 16, N), written as (N, b, L, 4, J, 4)
+            votes.unflatten(3, (4, 4)).permute(5, 0, 1, 3, 2, 4).copy_(torch.bmm(A, Wm).view(N, b, L, 4, J, 4))
+            torch.mul(votes, votes, out=out[rows, :, :, 16:])
+        ctx.save_for_backward(p, Wm, out)
+        ctx.outer = outer
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, _grad: torch.Tensor):
+        p, Wm, stacked = ctx.saved_tensors
         terms = ctx.outer.terms
         ctx.outer.terms = []
         if not terms:
-            return None, None
-        shape = votes.shape[:-2] + (2 * votes.shape[-2], votes.shape[-1])
-        a = torch.stack([t[0].expand(shape[:-1]) for t in terms], dim=-1)  # (..., 2H, K)
-        b = torch.stack([t[1].expand(shape[:-2] + shape[-1:]) for t in terms], dim=-2)  # (..., K, N)
-        h = votes.shape[-2]
-        return (a[..., :h, :] @ b).addcmul_(votes, a[..., h:, :] @ b, value=2.0), None
+            return None, None, None
+        B, L, P, C = p.shape[:4]
+        N, J = P * C, Wm.shape[2] // 4
+        gp = torch.empty_like(p) if ctx.needs_input_grad[0] else None
+        gWm = torch.zeros_like(Wm) if ctx.needs_input_grad[1] else None
+        for rows in _pieces(B, L * J * 32 * N):
+            b = rows.stop - rows.start
+            g = _gather(terms, stacked[rows, :, :, :16], rows)  # (b, L, J, 16, N)
+            gout = g.view(b, L, J, 4, 4, N).permute(5, 0, 1, 3, 2, 4).reshape(N, b * L * 4, J * 4)
+            if gp is not None:
+                gp[rows] = torch.bmm(gout, Wm.transpose(1, 2)).view(P, C, b, L, 4, 4).permute(2, 3, 0, 1, 4, 5)
+            if gWm is not None:
+                gWm.baddbmm_(p[rows].permute(2, 3, 5, 0, 1, 4).reshape(N, 4, b * L * 4), gout)
+        gW = gWm.view(P, C, 4, J, 4).permute(0, 1, 3, 2, 4) if gWm is not None else None
+        return gp, gW, None
+
+
+def _pieces(batch: int, floats_per_image: int) -> list[slice]:
+    step = max(1, _PIECE_FLOATS // floats_per_image)
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
 class _VotesTimesVector(torch.autograd.Function):
@@ -196,18 +273,27 @@ def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tensor, be
     way. The votes' gradient is gathered from those products in one matrix product at the end
     (_StackedVotes); the function can be differentiated once (no double backward).
     """
-    B, L, J, H, N = votes.shape
+    outer = _Outer()
+    return _route_stacked(_StackedVotes.apply(votes, outer), outer, a_in, beta_u, beta_a, index, n_positions,
+                          n_types, iters, lambdas)
+
+
+def _route_stacked(stacked: torch.Tensor, outer: _Outer, a_in: torch.Tensor, beta_u: torch.Tensor,
+                   beta_a: torch.Tensor, index: torch.Tensor, n_positions: int, n_types: int, iters: int,
+                   lambdas: list[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`em_routing` on the votes stacked on their squares, (B, L, J, 2H, N), with the
+    record of products their gradient is gathered from."""
+    B, L, J, H2, N = stacked.shape
+    H = H2 // 2
     lambdas = lambdas if lambdas is not None else inverse_temperatures(iters)
-    flat = index.reshape(-1).to(votes.device)
+    flat = index.reshape(-1).to(stacked.device)
     # R starts at 1 / (number of parents of the child): J types at every position whose patch holds it
-    count = torch.zeros(n_positions, dtype=votes.dtype, device=votes.device).index_add_(
-        0, flat, torch.ones_like(flat, dtype=votes.dtype))
+    count = torch.zeros(n_positions, dtype=stacked.dtype, device=stacked.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=stacked.dtype))
     R = (1.0 / (J * count[index])).repeat_interleave(n_types, dim=1).view(1, L, 1, N)
     # the amount of data a parent gets, rescaled as in Gritzman's implementation: 100 at a
     # parent that gets an even share of fully active children (N children for J parent types)
     scale = 100.0 * J / N
-    outer = _Outer()
-    stacked = _StackedVotes.apply(votes, outer)  # (B, L, J, 2H, N)
     a_child = a_in.unsqueeze(2)  # (B, L, 1, N)
     for t in range(iters):
         # M-step
@@ -267,9 +353,10 @@ class ConvCaps(nn.Module):
             index = self._index[(h, w, pose.device)] = patch_index(h, w, self.k, self.stride).to(pose.device)
         ho, wo = (h - self.k) // self.stride + 1, (w - self.k) // self.stride + 1
         p = pose.reshape(B, h * w, self.cin, 4, 4)[:, index]  # (B, L, P, cin, 4, 4)
-        votes = torch.einsum("blpcxy,pcjyz->bljxzpc", p, self.W).reshape(B, ho * wo, self.cout, 16, -1)
-        mu, a_out = em_routing(votes, a.reshape(B, h * w, self.cin)[:, index].flatten(2), self.beta_u,
-                               self.beta_a, index, h * w, self.cin, self.iters)
+        outer = _Outer()
+        stacked = _ConvVotes.apply(p, self.W, outer)  # (B, L, cout, 32, P * cin)
+        mu, a_out = _route_stacked(stacked, outer, a.reshape(B, h * w, self.cin)[:, index].flatten(2), self.beta_u,
+                                   self.beta_a, index, h * w, self.cin, self.iters, None)
         return mu.view(B, ho, wo, self.cout, 16), a_out.view(B, ho, wo, self.cout)
 
 
@@ -318,6 +405,9 @@ class EMCapsNet(Classifier):
     """
 
     family = "capsule"
+    # scored 64 images at a time: the routing's tensors outgrow the caches above that (2-core AMD
+    # EPYC, 2026-12-07: 6.6 ms per image at 64, 13 ms at 500, the batch test sets are scored in)
+    inference_batch = 64
 
     def __init__(self, num_classes: int = 10, input_size: int = 28, in_chans: int = 1, A: int = 64, B: int = 8,
                  C: int = 16, D: int = 16, routing_iters: int = 2) -> None:

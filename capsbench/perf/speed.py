@@ -62,7 +62,7 @@ from capsbench.malloc import keep_freed_memory
 from capsbench.models import create_model
 from capsbench.perf.isa import isa_label
 from capsbench.perf.timing import _sync, time_fn
-from capsbench.train.device import SpeedOptions, to_float
+from capsbench.train.device import SpeedOptions, inference_batch, to_float
 from capsbench.train.trainer import build_step, make_optimizer
 
 VARIANTS = ("fp32", "fp32_cl", "bf16", "bf16_cl", "bf16_cl_graph", "bf16_cl_compile")
@@ -196,7 +196,7 @@ def measure(
         row["epoch_s"] = time.perf_counter() - t1
 
     model.eval()  # inference is eager in every variant (same precision and layout)
-    xi = data.batch(min(infer_batch, data.n), opts["channels_last"])[0]
+    xi = data.batch(inference_batch(model, min(infer_batch, data.n)), opts["channels_last"])[0]  # as predict() batches
 
     def infer():
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts["bf16"]):

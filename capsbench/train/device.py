@@ -80,6 +80,16 @@ def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.unsqueeze(1).float().div_(255.0)
 
 
+def inference_batch(model: torch.nn.Module, batch_size: int) -> int:
+    """``batch_size``, or less where the model's ``inference_batch`` attribute (on the model or
+    on a wrapped plug-in's ``net``) caps it."""
+    for owner in (model, getattr(model, "net", None)):
+        cap = getattr(owner, "inference_batch", None)
+        if cap:
+            return min(batch_size, int(cap))
+    return batch_size
+
+
 @torch.inference_mode()
 def predict(
     model: torch.nn.Module,
@@ -95,8 +105,12 @@ def predict(
 
     Returns:
         scores (N, C) and confidence (N, C), float32 on the CPU.
+
+    A model whose inference is fastest in smaller batches says so with an ``inference_batch``
+    attribute (on the model, or on a wrapped plug-in's ``net``); the batch is then at most that.
     """
     device = device or next(model.parameters()).device
+    batch_size = inference_batch(model, batch_size)
     channels_last = _in_channels_last(model)  # inputs follow the weights' memory format
     was_training = model.training
     model.eval()
