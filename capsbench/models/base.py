@@ -66,6 +66,7 @@ class PlainClassifier(Classifier):
                          input_size=int(getattr(net, "input_size", input_size)))
         self.net = net
         self.family = str(getattr(net, "family", "cnn"))
+        self.inference_batch = getattr(net, "inference_batch", None)  # predict()'s batch cap, if any
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutput:
         out = self.net(x)

@@ -111,6 +111,11 @@ class _Outer:
     def __init__(self) -> None:
         self.terms: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The recorded products, once: the record is emptied."""
+        terms, self.terms = self.terms, []
+        return terms
+
 
 class _StackedVotes(torch.autograd.Function):
     """The votes stacked on their squares, (..., 2H, N) from (..., H, N). Its backward turns the
@@ -127,15 +132,8 @@ class _StackedVotes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad: torch.Tensor):
         (votes,) = ctx.saved_tensors
-        return _votes_grad(ctx.outer, votes), None
-
-
-def _votes_grad(outer: _Outer, votes: torch.Tensor) -> torch.Tensor | None:
-    """The votes' (..., H, N) gradient from the outer products that the routing's products
-    recorded on the stacked votes (None when nothing was recorded)."""
-    terms = outer.terms
-    outer.terms = []
-    return _gather(terms, votes) if terms else None
+        terms = ctx.outer.take()
+        return (_gather(terms, votes) if terms else None), None
 
 
 def _gather(terms: list[tuple[torch.Tensor, torch.Tensor]], votes: torch.Tensor,
@@ -155,7 +153,7 @@ def _gather(terms: list[tuple[torch.Tensor, torch.Tensor]], votes: torch.Tensor,
     return (a[..., :h, :] @ b).addcmul_(votes, a[..., h:, :] @ b, value=2.0)
 
 
-# stacked votes per piece, about 8 MB: one image of either ConvCaps layer (5.3 and 4.7 MB); 4 or 16
+# stacked votes per piece, about 8 MB: one image of either ConvCaps layer (5.3 and 4.7 MB); 6 or 25
 # images a piece were no faster (2-core AMD EPYC, 2026-12-07)
 _PIECE_FLOATS = 1 << 21
 
@@ -190,8 +188,7 @@ class _ConvVotes(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad: torch.Tensor):
         p, Wm, stacked = ctx.saved_tensors
-        terms = ctx.outer.terms
-        ctx.outer.terms = []
+        terms = ctx.outer.take()
         if not terms:
             return None, None, None
         B, L, P, C = p.shape[:4]

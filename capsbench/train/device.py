@@ -81,13 +81,10 @@ def to_float(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def inference_batch(model: torch.nn.Module, batch_size: int) -> int:
-    """``batch_size``, or less where the model's ``inference_batch`` attribute (on the model or
-    on a wrapped plug-in's ``net``) caps it."""
-    for owner in (model, getattr(model, "net", None)):
-        cap = getattr(owner, "inference_batch", None)
-        if cap:
-            return min(batch_size, int(cap))
-    return batch_size
+    """``batch_size``, or less where the model's ``inference_batch`` attribute caps it (a wrapped
+    plug-in's is copied onto its :class:`~capsbench.models.base.PlainClassifier`)."""
+    cap = getattr(model, "inference_batch", None)
+    return min(batch_size, int(cap)) if cap else batch_size
 
 
 @torch.inference_mode()
@@ -107,7 +104,7 @@ def predict(
         scores (N, C) and confidence (N, C), float32 on the CPU.
 
     A model whose inference is fastest in smaller batches says so with an ``inference_batch``
-    attribute (on the model, or on a wrapped plug-in's ``net``); the batch is then at most that.
+    attribute; the batch is then at most that.
     """
     device = device or next(model.parameters()).device
     batch_size = inference_batch(model, batch_size)

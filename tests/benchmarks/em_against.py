@@ -19,33 +19,20 @@ same function (tests/test_em_capsnet.py checks the current one against a literal
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from at_commit import module_at  # tests/benchmarks/at_commit.py, beside this script
 
 from capsbench.malloc import keep_freed_memory
 from capsbench.models.em_capsnet import EMCapsNet
 from capsbench.train.device import predict
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def earlier_model(commit: str) -> type:
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:capsbench/models/em_capsnet.py"],
-                         capture_output=True, text=True, check=True).stdout
-    src = src.replace("@register_model(", "@(lambda *a, **k: (lambda f: f))(")  # leave the registry alone
-    path = Path(tempfile.mkdtemp()) / f"em_capsnet_{commit}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
+    module = module_at(commit, "capsbench/models/em_capsnet.py",  # leave the registry alone:
+                       lambda src: src.replace("@register_model(", "@(lambda *a, **k: (lambda f: f))("))
     return module.EMCapsNet
 
 

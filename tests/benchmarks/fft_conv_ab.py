@@ -12,28 +12,13 @@ repository root (it needs git); docs/performance.md quotes it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from at_commit import module_at  # tests/benchmarks/at_commit.py, beside this script
 
 from capsbench.malloc import keep_freed_memory
 from capsbench.models.kernels.fft_conv import fft_conv2d
-
-
-def load_at(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:capsbench/models/kernels/fft_conv.py"], capture_output=True,
-                            text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "fft_conv_at_rev.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("fft_conv_at_rev", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fft_conv2d
 
 
 def main() -> None:
@@ -43,10 +28,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     keep_freed_memory()
-    try:
-        other = load_at(args.rev)
-    except subprocess.CalledProcessError as e:
-        sys.exit(f"fft_conv_ab: cannot read capsbench/models/kernels/fft_conv.py at {args.rev!r}: {e.stderr.strip()}")
+    other = module_at(args.rev, "capsbench/models/kernels/fft_conv.py").fft_conv2d
     B = args.batch
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20, 20, B, 256, generator=g).permute(2, 3, 0, 1).requires_grad_()
